@@ -1,0 +1,28 @@
+"""Normalizing flows: priors, the masked coupling with its score recursion, RealNVP, U(1) NCP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
+from latticeflow.flows.flow import Flow
+from latticeflow.flows.realnvp import realnvp
+from latticeflow.flows.u1_equivariant import MASK_PERIOD, u1_equivariant
+
+__all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp",
+           "u1_equivariant", "DEFAULT_ARCHITECTURE", "MASK_PERIOD"]
+
+#: Defaults per theory; a recipe's [flow] table overrides any of these keys.
+DEFAULT_ARCHITECTURE: dict[str, dict[str, Any]] = {
+    "phi4": {"n_couplings": 8, "hidden": [16, 16], "kernel_size": 3, "activation": "leaky_relu"},
+    "u1": {"n_couplings": 16, "n_mixture": 6, "hidden": [8, 8], "kernel_size": 3,
+           "activation": "leaky_relu"},
+}
+
+
+def build_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any] | None = None
+               ) -> Flow:
+    """The flow for ``theory`` ("phi4" → RealNVP, "u1" → gauge-equivariant NCP) on ``lattice``."""
+    arch = {**DEFAULT_ARCHITECTURE[theory], **(architecture or {})}
+    builder = realnvp if theory == "phi4" else u1_equivariant
+    return builder(tuple(lattice), **arch)

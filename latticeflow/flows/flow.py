@@ -1,0 +1,70 @@
+"""A normalizing flow: a base density followed by a stack of masked couplings.
+
+x = T(z) = T_K ∘ … ∘ T_1(z), z ~ q₀, log q(x) = log q₀(z) − Σ_k log|det J_k|.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from latticeflow.flows.coupling import MaskedCoupling
+from latticeflow.flows.priors import Prior
+
+
+class Flow(nn.Module):
+    """Flow over fields of shape ``prior.field_shape``; batches are ``(batch, *field_shape)``."""
+
+    def __init__(self, prior: Prior, couplings: list[MaskedCoupling]):
+        super().__init__()
+        self.prior = prior
+        self.couplings = nn.ModuleList(couplings)
+
+    @property
+    def field_shape(self) -> tuple[int, ...]:
+        return self.prior.field_shape
+
+    def _reference(self) -> Tensor:
+        return next(self.parameters())
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        ref = self._reference()
+        return self.prior.sample(n, device=ref.device, dtype=ref.dtype, generator=generator)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x = T(z) and log q(x)."""
+        x, log_q = z, self.prior.log_prob(z)
+        for coupling in self.couplings:
+            x, log_det = coupling(x)
+            log_q = log_q - log_det
+        return x, log_q
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z = T⁻¹(x) and log q(x); differentiable (implicit function theorem for NCP layers)."""
+        z, log_det_inverse = x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for coupling in reversed(self.couplings):
+            z, log_det = coupling.inverse(z)
+            log_det_inverse = log_det_inverse + log_det
+        return z, self.prior.log_prob(z) + log_det_inverse
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q(x), shape ``(batch,)``."""
+        return self.inverse(x)[1]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` configurations: ``(x, log q(x))``."""
+        return self(self.sample_prior(n, generator))
+
+    def forward_and_score(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x = T(z), log q(x) and the detached score ∇_x log q(x), without inverting."""
+        x, log_q, score = z, self.prior.log_prob(z), self.prior.score(z)
+        for coupling in self.couplings:
+            x, log_det, score = coupling.forward_and_score(x, score)
+            log_q = log_q - log_det
+        return x, log_q, score
+
+    def pullback_score(self, x: Tensor, score_x: Tensor) -> tuple[Tensor, Tensor]:
+        """z = T⁻¹(x) and ∇_z log p♯(z) for p♯(z) = p(T(z))|det J_T(z)|, given s_x = ∇_x log p."""
+        for coupling in reversed(self.couplings):
+            x, score_x = coupling.inverse_and_score(x, score_x)
+        return x, score_x
