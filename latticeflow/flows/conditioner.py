@@ -2,33 +2,73 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                "silu": nn.SiLU}
+
+
+class _CircularPad(torch.autograd.Function):
+    """Periodic padding of the trailing ``ndim`` axes by ``p`` sites on each side.
+
+    The backward folds the halo back onto the interior with a few slice additions (autograd's
+    generic slice backward would zero-fill a full-size tensor for every slice).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: int, ndim: int) -> Tensor:
+        ctx.p, ctx.ndim = p, ndim
+        for axis in range(x.dim() - ndim, x.dim()):
+            n = x.shape[axis]
+            x = torch.cat([x.narrow(axis, n - p, p), x, x.narrow(axis, 0, p)], dim=axis)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        p = ctx.p
+        for axis in range(grad.dim() - ctx.ndim, grad.dim()):
+            n = grad.shape[axis] - 2 * p
+            inner = grad.narrow(axis, p, n).clone()
+            inner.narrow(axis, n - p, p).add_(grad.narrow(axis, 0, p))
+            inner.narrow(axis, 0, p).add_(grad.narrow(axis, n + p, p))
+            grad = inner
+        return grad, None, None
+
+
+class PeriodicConv(nn.Module):
+    """A convolution over a periodic ``ndim``-dimensional lattice (odd kernel, same size out)."""
+
+    def __init__(self, ndim: int, c_in: int, c_out: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.ndim, self.pad = ndim, kernel_size // 2
+        self.conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim](c_in, c_out, kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pad:
+            x = _CircularPad.apply(x, self.pad, self.ndim)
+        return self.conv(x)
 
 
 def conv_net(
     ndim: int, in_channels: int, out_channels: int, hidden: list[int], kernel_size: int,
     activation: str, zero_init: bool = True,
 ) -> nn.Sequential:
-    """Convolutions (circular padding, odd ``kernel_size``) over a ``ndim``-dimensional lattice.
+    """Periodic convolutions over a ``ndim``-dimensional lattice.
 
     Input ``(batch, in_channels, L0, L1, ...)`` → ``(batch, out_channels, L0, L1, ...)``; no
     weight depends on the lattice extent. With ``zero_init`` the last layer starts at zero, so a
     fresh coupling is the identity map.
     """
-    if kernel_size % 2 != 1:
-        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
     widths = [in_channels, *hidden, out_channels]
     layers: list[nn.Module] = []
     for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        layers.append(conv(c_in, c_out, kernel_size, padding=kernel_size // 2,
-                           padding_mode="circular"))
+        layers.append(PeriodicConv(ndim, c_in, c_out, kernel_size))
         if i < len(widths) - 2:
             layers.append(ACTIVATIONS[activation]())
     if zero_init:
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
+        nn.init.zeros_(layers[-1].conv.weight)
+        nn.init.zeros_(layers[-1].conv.bias)
     return nn.Sequential(*layers)

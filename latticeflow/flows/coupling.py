@@ -13,12 +13,15 @@ Score recursion (DESIGN §4). With s_x = ∇_x log q(x) and y = T(x),
 
 and the bracket is one vector–Jacobian product, of Σ y_A·sg(s_{y,A}) + ℓ with respect to x,
 restricted to F. Subclasses give ∂ℓ/∂x_A in closed form (``dlog_deriv``) so that one input-only
-VJP per layer suffices. The reverse direction, s_x = Jᵀ s_y + ∇_x ℓ, is the same VJP.
+VJP per layer suffices. The reverse direction, s_x = Jᵀ s_y + ∇_x ℓ, is the same VJP taken at
+the inverted point; it drives the forward-KL fast path (DESIGN §4: the pull-back p♯ is sampled by
+inverting data, and its score comes out of the inversion pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,33 +45,41 @@ def _sum_sites(t: Tensor) -> Tensor:
 
 
 class MaskedCoupling(nn.Module):
-    """Base class: subclasses implement :meth:`update` and :meth:`invert`."""
+    """Base class: subclasses implement :meth:`condition`, :meth:`transform`, :meth:`untransform`.
+
+    The conditioner output depends on the frozen part only, so it is the same whether computed
+    from the input or from the output of the coupling; that lets every direction evaluate it once.
+    """
 
     def __init__(self, active: Tensor):
         super().__init__()
         # Not persistent: masks follow the lattice the flow is built for, weights do not.
         self.register_buffer("active", active.bool(), persistent=False)
 
-    def update(self, x: Tensor) -> ElementwiseUpdate:
-        """Apply the coupling, differentiably in ``x`` and in the parameters."""
+    def condition(self, x: Tensor) -> Any:
+        """The conditioner output, a function of the frozen components of ``x`` only."""
         raise NotImplementedError
 
-    def invert(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(x, log_deriv)`` with T(x) = y and ``log_deriv`` as in :meth:`update` at x.
+    def transform(self, x: Tensor, cond: Any) -> ElementwiseUpdate:
+        """Apply the coupling given its conditioner output, differentiably in ``x`` and ``cond``."""
+        raise NotImplementedError
 
-        Differentiable in ``y`` and the parameters with the correct first derivatives (implicit
-        function theorem where the inverse is numerical).
+    def untransform(self, y: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+        """Return ``(x, log_deriv)`` with T(x) = y and ``log_deriv`` as in :meth:`transform` at x.
+
+        Differentiable in ``y`` and ``cond`` with the correct first derivatives (implicit function
+        theorem where the inverse is numerical).
         """
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """y = T(x) and log|det ∂y/∂x| per configuration."""
-        u = self.update(x)
+        u = self.transform(x, self.condition(x))
         return u.y, _sum_sites(u.log_deriv)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """x = T⁻¹(y) and log|det ∂x/∂y| per configuration."""
-        x, log_deriv = self.invert(y)
+        x, log_deriv = self.untransform(y, self.condition(y))
         return x, -_sum_sites(log_deriv)
 
     def forward_and_score(self, x: Tensor, score_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +91,7 @@ class MaskedCoupling(nn.Module):
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            u = self.update(x)
+            u = self.transform(x, self.condition(x))
             score_active = (score_x - u.dlog_deriv) * torch.exp(-u.log_deriv)
             score_active = torch.where(self.active, score_active, 0.0).detach()
             (vjp,) = torch.autograd.grad(
@@ -89,16 +100,23 @@ class MaskedCoupling(nn.Module):
         score_y = torch.where(self.active, score_active, score_x - vjp)
         return u.y, _sum_sites(u.log_deriv), score_y
 
-    def inverse_and_score(self, y: Tensor, score_y: Tensor) -> tuple[Tensor, Tensor]:
-        """(x, s_x) from (y, s_y), s_x = Jᵀ s_y + ∇_x ℓ: the recursion run backwards.
+    def inverse_and_score(self, y: Tensor, score_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, log|det ∂x/∂y|, s_x) from (y, s_y): the recursion run backwards, s_x = Jᵀs_y + ∇_xℓ.
 
-        Both outputs are detached; used to pull a score back through the flow.
+        ``x`` keeps its graph to the parameters and to ``y`` (implicit function theorem for
+        numerical inverses); the score is detached. The conditioner is evaluated once and shared
+        by the inversion and by the vector–Jacobian product.
         """
-        with torch.no_grad():
-            x, _ = self.invert(y)
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            u = self.update(x)
+            if not y.requires_grad:
+                y = y.detach().requires_grad_(True)
+            cond = self.condition(y)
+            x, log_deriv = self.untransform(y, cond)
+            probe = x.detach().requires_grad_(True)
+            u = self.transform(torch.where(self.active, probe, y), cond)
             score_active = torch.where(self.active, score_y, 0.0).detach()
-            (vjp,) = torch.autograd.grad((u.y * score_active).sum() + u.log_deriv.sum(), x)
-        return x.detach(), torch.where(self.active, vjp, score_y + vjp)
+            grad_active, grad_frozen = torch.autograd.grad(
+                (u.y * score_active).sum() + u.log_deriv.sum(), (probe, y), retain_graph=True
+            )
+        score_x = torch.where(self.active, grad_active, score_y + grad_frozen)
+        return x, -_sum_sites(log_deriv), score_x

@@ -63,8 +63,13 @@ class Flow(nn.Module):
             log_q = log_q - log_det
         return x, log_q, score
 
-    def pullback_score(self, x: Tensor, score_x: Tensor) -> tuple[Tensor, Tensor]:
-        """z = T⁻¹(x) and ∇_z log p♯(z) for p♯(z) = p(T(z))|det J_T(z)|, given s_x = ∇_x log p."""
+    def inverse_and_score(self, x: Tensor, score_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z = T⁻¹(x) (with graph), log q(x), and the detached pull-back score ∇_z log p♯(z).
+
+        ``score_x`` is ∇_x log p(x) of some density p; p♯(z) = p(T(z)) |det J_T(z)|.
+        """
+        z, log_det_inverse = x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for coupling in reversed(self.couplings):
-            x, score_x = coupling.inverse_and_score(x, score_x)
-        return x, score_x
+            z, log_det, score_x = coupling.inverse_and_score(z, score_x)
+            log_det_inverse = log_det_inverse + log_det
+        return z, self.prior.log_prob(z) + log_det_inverse, score_x

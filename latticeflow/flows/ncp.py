@@ -7,7 +7,8 @@ branch that maps [0, 2π) onto itself) is a smooth increasing bijection of the c
     g_s''(u) = a (1 − a²) sin u / (2 D²).
 
 The NCP map is h(u) = Σ_i ρ_i g_{s_i}(u) + t with mixture weights ρ = softmax(logits); it maps
-[0, 2π) increasingly onto [t, t + 2π). Parameters are tensors with a trailing mixture axis K.
+[0, 2π) increasingly onto [t, t + 2π). Parameters carry the mixture axis K at position 1 (the
+channel axis of the conditioner output), so nothing is transposed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TWO_PI = 2 * torch.pi
 
 @dataclass
 class NCPParams:
-    """``log_scale``, ``weights``: ``(..., K)``; ``shift``: ``(...)``."""
+    """``log_scale``, ``weights``: ``(batch, K, ...)``; ``shift``: ``(batch, ...)``."""
 
     log_scale: Tensor
     weights: Tensor
@@ -32,21 +33,21 @@ class NCPParams:
 
 
 def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); ``u ∈ [0, 2π)``, shape ``(...)``."""
+    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); ``u ∈ [0, 2π)``, ``(batch, ...)``."""
     a = torch.exp(p.log_scale)
-    half = 0.5 * u.unsqueeze(-1)
+    half = 0.5 * u.unsqueeze(1)
     branch = torch.where(half > 0.5 * torch.pi, torch.pi, 0.0)
     g = 2 * (torch.atan(a * torch.tan(half)) + branch)
-    cos_u = torch.cos(u).unsqueeze(-1)
+    cos_u = torch.cos(u).unsqueeze(1)
     a2 = a * a
     denom = 0.5 * (1 + a2) + 0.5 * (1 - a2) * cos_u
     dg = a / denom
-    h = (p.weights * g).sum(-1) + p.shift
-    dh = (p.weights * dg).sum(-1)
+    h = (p.weights * g).sum(1) + p.shift
+    dh = (p.weights * dg).sum(1)
     if not need_second:
         return h, dh, None
-    d2g = a * (1 - a2) * torch.sin(u).unsqueeze(-1) / (2 * denom * denom)
-    return h, dh, (p.weights * d2g).sum(-1)
+    d2g = a * (1 - a2) * torch.sin(u).unsqueeze(1) / (2 * denom * denom)
+    return h, dh, (p.weights * d2g).sum(1)
 
 
 def ncp_inverse(v: Tensor, p: NCPParams) -> tuple[Tensor, Tensor, Tensor]:

@@ -26,19 +26,20 @@ class AffineCoupling(MaskedCoupling):
         self.net = conv_net(active.dim(), 1, 2, hidden, kernel_size, activation)
         self.scale_bound = scale_bound
 
-    def _scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def condition(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, t) on the active sites, zero on the frozen ones."""
         frozen = torch.where(self.active, 0.0, x)
         out = self.net(frozen.unsqueeze(1))
         # A bounded log-scale per layer keeps early training stable; depth gives the range.
         s = self.scale_bound * torch.tanh(out[:, 0] / self.scale_bound)
         return torch.where(self.active, s, 0.0), torch.where(self.active, out[:, 1], 0.0)
 
-    def update(self, x: Tensor) -> ElementwiseUpdate:
-        s, t = self._scale_shift(x)
+    def transform(self, x: Tensor, cond: tuple[Tensor, Tensor]) -> ElementwiseUpdate:
+        s, t = cond
         return ElementwiseUpdate(x * torch.exp(s) + t, s, torch.zeros_like(x))
 
-    def invert(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = self._scale_shift(y)
+    def untransform(self, y: Tensor, cond: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        s, t = cond
         return (y - t) * torch.exp(-s), s
 
 

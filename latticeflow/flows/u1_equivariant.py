@@ -26,51 +26,61 @@ MASK_PERIOD = 4
 
 
 class PlaquetteCoupling(MaskedCoupling):
-    """Updates links θ_mu with x_{1−mu} ≡ offset (mod 4) through NCP maps of their plaquettes."""
+    """Updates links θ_mu with x_{1−mu} ≡ offset (mod 4) through NCP maps of their plaquettes.
+
+    The NCP maps are evaluated only on the active plaquette rows (a quarter of the lattice),
+    gathered with ``index_select`` along the stripe axis.
+    """
 
     def __init__(self, lattice: tuple[int, int], mu: int, offset: int, n_mixture: int,
                  hidden: list[int], kernel_size: int, activation: str):
         nu = 1 - mu
-        link_stripe = stripes(lattice, nu, offset, MASK_PERIOD)
         active = torch.zeros((2, *lattice), dtype=torch.bool)
-        active[mu] = link_stripe
+        active[mu] = stripes(lattice, nu, offset, MASK_PERIOD)
         super().__init__(active)
-        self.mu = mu
-        self.n_mixture = n_mixture
+        self.mu, self.n_mixture = mu, n_mixture
+        self.axis = 1 + nu  # the stripe axis of a (batch, L0, L1) tensor
         # Active plaquettes sit where the updated link enters with +1: P(x) for μ = 0,
-        # P(x − 0̂) for μ = 1, i.e. on the stripe shifted by −1 along axis 0.
-        plaq_offset = offset if mu == 0 else offset - 1
-        self.register_buffer("active_plaq", stripes(lattice, nu, plaq_offset, MASK_PERIOD),
-                             persistent=False)
+        # P(x − 0̂) for μ = 1, i.e. one row lower along axis 0.
+        lag = 0 if mu == 0 else 1
+        n = lattice[nu]
+        rows = torch.arange(offset - lag, n, MASK_PERIOD) % n
+        link_rows = (torch.arange(n) - lag - (offset - lag)) % n // MASK_PERIOD
+        self.register_buffer("plaq_rows", rows, persistent=False)
+        self.register_buffer("link_rows", link_rows, persistent=False)
         frozen = stripes(lattice, nu, offset + 1, MASK_PERIOD) | stripes(
             lattice, nu, offset + 2, MASK_PERIOD)
         self.register_buffer("frozen_plaq", frozen, persistent=False)
         self.net = conv_net(2, 2, 2 * n_mixture + 1, hidden, kernel_size, activation)
 
-    def _params(self, plaq: Tensor) -> NCPParams:
-        features = torch.stack([torch.cos(plaq), torch.sin(plaq)], dim=1)
-        out = self.net(torch.where(self.frozen_plaq, features, 0.0)).movedim(1, -1)
-        k = self.n_mixture
-        return NCPParams(out[..., :k], torch.softmax(out[..., k:2 * k], dim=-1), out[..., 2 * k])
-
-    def _to_links(self, per_plaquette: Tensor) -> Tensor:
-        """Place a per-plaquette quantity (zero off the active plaquettes) on the updated links."""
-        on_plaq = torch.where(self.active_plaq, per_plaquette, 0.0)
-        on_link = on_plaq if self.mu == 0 else torch.roll(on_plaq, shifts=1, dims=1)
-        zero = torch.zeros_like(on_link)
-        return torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
-
-    def update(self, x: Tensor) -> ElementwiseUpdate:
+    def condition(self, x: Tensor) -> NCPParams:
+        """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes."""
         plaq = plaquette(x)
-        u = torch.remainder(plaq, TWO_PI)
-        h, dh, d2h = ncp(u, self._params(plaq))
+        features = torch.stack([torch.cos(plaq), torch.sin(plaq)], dim=1)
+        out = self.net(torch.where(self.frozen_plaq, features, 0.0))
+        out = out.index_select(self.axis + 1, self.plaq_rows)
+        k = self.n_mixture
+        return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
+
+    def _active_angles(self, x: Tensor) -> Tensor:
+        """Active plaquette angles in [0, 2π), ``(batch, ...)`` on the active rows."""
+        return torch.remainder(plaquette(x).index_select(self.axis, self.plaq_rows), TWO_PI)
+
+    def _to_links(self, rows: Tensor) -> Tensor:
+        """Place a quantity on the active plaquette rows onto the updated links (zero elsewhere)."""
+        on_link = rows.index_select(self.axis, self.link_rows)
+        zero = torch.zeros_like(on_link)
+        both = torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
+        return torch.where(self.active, both, 0.0)
+
+    def transform(self, x: Tensor, cond: NCPParams) -> ElementwiseUpdate:
+        u = self._active_angles(x)
+        h, dh, d2h = ncp(u, cond)
         y = torch.where(self.active, torch.remainder(x + self._to_links(h - u), TWO_PI), x)
         return ElementwiseUpdate(y, self._to_links(torch.log(dh)), self._to_links(d2h / dh))
 
-    def invert(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        plaq = plaquette(y)
-        v = torch.remainder(plaq, TWO_PI)
-        u, target, dh = ncp_inverse(v, self._params(plaq))
+    def untransform(self, y: Tensor, cond: NCPParams) -> tuple[Tensor, Tensor]:
+        u, target, dh = ncp_inverse(self._active_angles(y), cond)
         x = torch.where(self.active, torch.remainder(y - self._to_links(target - u), TWO_PI), y)
         return x, self._to_links(torch.log(dh))
 
