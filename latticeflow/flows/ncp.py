@@ -33,7 +33,7 @@ class NCPParams:
 
 
 def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); ``u ∈ [0, 2π)``, ``(batch, ...)``."""
+    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``."""
     a = torch.exp(p.log_scale)
     half = 0.5 * u.unsqueeze(1)
     branch = torch.where(half > 0.5 * torch.pi, torch.pi, 0.0)
