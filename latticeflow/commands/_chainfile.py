@@ -1,0 +1,93 @@
+"""Shared plumbing of the sampling commands: open (or resume) the output file, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from latticeflow.cli import EXIT_INTERRUPTED, EXIT_OK
+from latticeflow.ensemble import EnsembleMetadata, EnsembleWriter
+from latticeflow.errors import LatticeflowError
+from latticeflow.samplers.chain import ChainResult, load_resume_state, run_chain
+
+log = logging.getLogger("latticeflow")
+
+
+def add_output_options(parser: argparse.ArgumentParser, default_chunk: int) -> None:
+    parser.add_argument("--n", type=int, required=True, help="rows (configurations) in total")
+    parser.add_argument("--chunk", type=int, default=default_chunk,
+                        help=f"rows per committed chunk (default {default_chunk})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted file up to --n rows (same seed and settings)")
+    mode.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    for name in ("n", "chunk"):
+        if getattr(args, name) < 1:
+            raise LatticeflowError(f"--{name} must be a positive integer, "
+                                   f"got {getattr(args, name)}")
+
+
+def check_output_folder(out: Path) -> None:
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise LatticeflowError(f"{out}: output folder {folder} does not exist")
+    if not _writable(folder):
+        raise LatticeflowError(f"{out}: output folder {folder} is not writable")
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK)
+
+
+def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], chunk: int
+                ) -> EnsembleWriter:
+    """A writer for ``out``: resumed (``resume``), replaced (``force``) or new (refuses an
+    existing file otherwise)."""
+    check_output_folder(out)
+    if resume:
+        if not out.exists():
+            raise LatticeflowError(f"{out}: nothing to resume (no such file)")
+        return EnsembleWriter.resume(out)
+    if out.exists() and not force:
+        raise LatticeflowError(f"{out}: already exists; use --resume to continue it or --force "
+                               "to overwrite it")
+    return EnsembleWriter.create(out, chunk_rows=chunk, force=force, **header)
+
+
+def run_to_file(sampler: Any, writer: EnsembleWriter, n: int, chunk: int,
+                summary: Callable[[ChainResult], str]) -> int:
+    """Run ``sampler`` into ``writer`` until it holds ``n`` rows; log a summary line."""
+    with writer:
+        if writer.n_complete >= n:
+            log.info("%s already holds %d rows (>= --n %d); nothing to do", writer.path,
+                     writer.n_complete, n)
+            return EXIT_OK
+        if load_resume_state(sampler, writer):
+            log.info("resuming %s at row %d", writer.path, writer.n_complete)
+        result = run_chain(sampler, writer, n, chunk)
+    log.info("%s: %d rows (%d new); %s", writer.path, result.n_complete, result.n_added,
+             summary(result))
+    if result.interrupted:
+        log.warning("interrupted: %d complete rows are in %s; continue with --resume",
+                    result.n_complete, writer.path)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def metadata_mismatch(metadata: EnsembleMetadata, expected: dict[str, Any]) -> str | None:
+    """The first header field of a file to be resumed that differs from this run's."""
+    for key, value in expected.items():
+        have = getattr(metadata, key)
+        if key == "lattice":
+            have, value = tuple(have), tuple(value)
+        if have != value:
+            return f"{key} is {have!r} in the file but {value!r} for this run"
+    return None
