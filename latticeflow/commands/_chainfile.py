@@ -16,10 +16,18 @@ from latticeflow.samplers.chain import ChainResult, load_resume_state, run_chain
 log = logging.getLogger("latticeflow")
 
 
-def add_output_options(parser: argparse.ArgumentParser, default_chunk: int) -> None:
-    parser.add_argument("--n", type=int, required=True, help="rows (configurations) in total")
-    parser.add_argument("--chunk", type=int, default=default_chunk,
-                        help=f"rows per committed chunk (default {default_chunk})")
+def add_output_options(parser: argparse.ArgumentParser, defaults_from: str | None = None,
+                       default_chunk: int = 100) -> None:
+    """--n, --chunk, --resume, --force; with ``defaults_from``, --n and --chunk default to the
+    values named there (resolved by the command) instead of --n being required."""
+    if defaults_from:
+        parser.add_argument("--n", type=int, help=f"rows in total (default: {defaults_from})")
+        parser.add_argument("--chunk", type=int,
+                            help=f"rows per committed chunk (default: {defaults_from})")
+    else:
+        parser.add_argument("--n", type=int, required=True, help="rows in total")
+        parser.add_argument("--chunk", type=int, default=default_chunk,
+                            help=f"rows per committed chunk (default {default_chunk})")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="continue an interrupted file up to --n rows (same seed and settings)")

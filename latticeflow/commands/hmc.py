@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
               latticeflow hmc actions/u1_beta2.toml --lattice 8x8 --n 10000 --out u1.h5
               latticeflow hmc actions/phi4_m2-4_lam8.toml --lattice 8x8 --n 5000 \\
                   --target-accept 0.8 --chains 4 --out phi4_hmc.h5
-              latticeflow hmc actions/u1_beta2.toml --lattice 8x8 --n 20000 --out u1.h5 --resume"""),
+              latticeflow hmc actions/u1_beta2.toml --lattice 8x8 --n 20000 --out u1.h5 \
+                  --resume"""),
     )
     parser.add_argument("action_card", type=Path, help="action card (actions/*.toml)")
     parser.add_argument("--lattice", required=True, type=parse_lattice, help="e.g. 8x8")

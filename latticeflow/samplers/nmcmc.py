@@ -65,6 +65,8 @@ class FlowMetropolis:
         self.rows_emitted = 0
         self._pending: dict[str, Tensor] | None = None  # proposals drawn but not yet used
         self._state: dict[str, Tensor] | None = None    # (C, ...) current chain state
+        self._session_log_weights: list[np.ndarray] = []  # proposals used in this session
+        self._session_accepted = 0
 
     @torch.no_grad()
     def _propose(self) -> dict[str, Tensor]:
@@ -114,6 +116,8 @@ class FlowMetropolis:
         rows = {key: v.index_select(0, index) for key, v in pool.items()}
         self._state = {key: v[-c:] for key, v in rows.items()}
         self.rows_emitted += k
+        self._session_log_weights.append(host[0])
+        self._session_accepted += int(accepted.sum())
         out = {
             "configs": rows["x"].to(self.store_dtype).cpu().numpy(),
             "action": rows["action"].cpu().numpy(),
@@ -124,6 +128,18 @@ class FlowMetropolis:
         if c > 1:
             out["chain"] = np.tile(np.arange(c, dtype=np.int32), steps)
         return out
+
+    def proposal_log_weights(self) -> np.ndarray:
+        """log w of the proposals used since this object was created (for the proposal ESS)."""
+        if not self._session_log_weights:
+            return np.zeros(0)
+        return np.concatenate(self._session_log_weights)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted fraction of the proposals used since this object was created."""
+        n = sum(len(lw) for lw in self._session_log_weights)
+        return self._session_accepted / n if n else float("nan")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {"generator": self.generator.get_state().numpy(),
