@@ -15,7 +15,7 @@ import sys
 from latticeflow import __version__
 from latticeflow.errors import LatticeflowError
 
-COMMANDS = ("train", "sample", "hmc", "info", "bench")
+COMMANDS = ("run", "train", "sample", "hmc", "info", "bench")
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

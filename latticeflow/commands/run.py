@@ -1,0 +1,125 @@
+"""``latticeflow run``: train → sample → analyse from one recipe, resuming what is done."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import textwrap
+from pathlib import Path
+
+from latticeflow import analysis, plots, script_support
+from latticeflow.config import Recipe, load_recipe
+from latticeflow.ensemble import EnsembleReader
+from latticeflow.errors import LatticeflowError
+from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
+
+log = logging.getLogger("latticeflow")
+
+ENSEMBLE_NAME = "nmcmc.h5"
+ANALYSIS_DIR = "analysis"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "run", help="train, sample and analyse a recipe in one go",
+        description="Train the recipe's flow, generate its neural-MCMC ensemble ([sampling]) "
+                    "and analyse it ([analysis]). Each stage is skipped when its output is "
+                    "complete and resumed when it is partial, so re-running continues where a "
+                    "previous run stopped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              latticeflow run runs/quickstart.toml
+              latticeflow run runs/u1_beta2_L8.toml --device cuda"""),
+    )
+    parser.add_argument("recipe", type=Path, help="run recipe (TOML)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the recipe)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="run directory (default: <recipe directory>/<recipe name>)")
+    parser.add_argument("--force", action="store_true",
+                        help="start every stage over, replacing the run directory's outputs")
+    parser.set_defaults(handler=run)
+
+
+def train_stage(recipe: Recipe, run_dir: Path, force: bool) -> str:
+    """Train, resume or skip; returns the sha256 of the final checkpoint."""
+    checkpoint = run_dir / CHECKPOINT_NAME
+    resume = False
+    if checkpoint.exists() and not force:
+        state, digest = read_checkpoint(checkpoint)
+        if state["step"] >= recipe.training.steps:
+            log.info("[1/3] training: complete (%s, step %d)", checkpoint, state["step"])
+            return digest
+        resume = True
+    log.info("[1/3] training %s%s", recipe.name, " (resuming)" if resume else "")
+    trainer = open_trainer(recipe, run_dir, resume=resume, force=force)
+    result = trainer.train()
+    log.info("      final ESS %s, %.0f s", "n/a" if result.ess is None else f"{result.ess:.3f}",
+             result.wall_time)
+    return read_checkpoint(checkpoint)[1]
+
+
+def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device: str | None
+                 ) -> Path:
+    from latticeflow.commands import sample
+
+    out = run_dir / ENSEMBLE_NAME
+    resume = False
+    if out.exists() and not force:
+        with EnsembleReader(out) as reader:
+            meta = reader.metadata
+        if meta.checkpoint_sha256 != digest:
+            raise LatticeflowError(f"{out} was sampled from another checkpoint than "
+                                   f"{run_dir / CHECKPOINT_NAME}; use --force to resample")
+        if meta.n_complete >= recipe.sampling.n:
+            log.info("[2/3] sampling: complete (%s, %d rows)", out, meta.n_complete)
+            return out
+        resume = True
+    log.info("[2/3] sampling %d configurations%s", recipe.sampling.n,
+             " (resuming)" if resume else "")
+    args = argparse.Namespace(checkpoint=run_dir, out=out, n=None, chunk=None, batch_size=None,
+                              chains=None, seed=None, lattice=None, device=device or "auto",
+                              store_dtype="float32", resume=resume, force=force)
+    code = sample.run(args)
+    if code:
+        raise KeyboardInterrupt
+    return out
+
+
+def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
+    folder = run_dir / ANALYSIS_DIR
+    record_path = folder / "observables.json"
+    with EnsembleReader(ensemble) as reader:
+        n_rows = reader.n_complete
+    key = {"n_rows": n_rows, "thermalization": recipe.analysis.thermalization}
+    if record_path.exists():
+        try:
+            if json.loads(record_path.read_text()).get("source") == key:
+                log.info("[3/3] analysis: complete (%s)", record_path)
+                return record_path
+        except (OSError, ValueError):
+            pass
+    log.info("[3/3] analysing %s", ensemble)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = analysis.analyse(ensemble, recipe.analysis.thermalization)
+    report = script_support.observables_report(result)
+    (folder / "observables.txt").write_text(report + "\n")
+    print(report)
+    if recipe.analysis.plots:
+        for path in plots.standard_plots(result, folder, autocorrelation=True):
+            log.info("      wrote %s", path)
+    script_support.write_json(record_path, {**analysis.observables_record(result), "source": key})
+    return record_path
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {} if args.device is None else {"device": args.device}
+    recipe = load_recipe(args.recipe, overrides)
+    run_dir = args.out or recipe.default_run_dir()
+    digest = train_stage(recipe, run_dir, args.force)
+    ensemble = sample_stage(recipe, run_dir, digest, args.force, args.device)
+    record = analysis_stage(recipe, run_dir, ensemble)
+    log.info("done. run directory %s:\n  checkpoint  %s\n  ensemble    %s\n  analysis    %s",
+             run_dir, run_dir / CHECKPOINT_NAME, ensemble, record.parent)
+    return 0

@@ -1,0 +1,83 @@
+"""``latticeflow train``: train a flow from a run recipe (``runs/*.toml``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import textwrap
+from pathlib import Path
+
+import torch
+
+from latticeflow.config import load_recipe
+from latticeflow.errors import LatticeflowError
+from latticeflow.training import open_trainer
+
+log = logging.getLogger("latticeflow")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train", help="train a flow from a run recipe",
+        description="Train the flow of a run recipe (runs/*.toml). The output directory gets "
+                    "checkpoint.pt, metrics.csv and training.png. An existing checkpoint is "
+                    "never overwritten: continue it with --resume or start over with --force. "
+                    "Ctrl-C writes a checkpoint of the last completed step.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              latticeflow train runs/quickstart.toml
+              latticeflow train runs/phi4_L16.toml --steps 5000 --resume
+              latticeflow train runs/phi4_L32.toml --init-from runs/phi4_L16"""),
+    )
+    parser.add_argument("recipe", type=Path, help="run recipe (TOML)")
+    parser.add_argument("--steps", type=_non_negative, metavar="N",
+                        help="total number of training steps (overrides training.steps)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the recipe)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output directory (default: <recipe directory>/<recipe name>)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from the checkpoint in the output directory")
+    mode.add_argument("--force", action="store_true",
+                      help="start over, replacing an existing checkpoint, metrics and plot")
+    parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                        help="start from the weights of another run (checkpoint file or run "
+                             "directory; same theory and architecture, any lattice size)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest on "
+                             "a busy machine)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.steps is not None:
+        overrides["training.steps"] = args.steps
+    if args.device is not None:
+        overrides["device"] = args.device
+    recipe = load_recipe(args.recipe, overrides)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LatticeflowError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    trainer = open_trainer(recipe, args.out, resume=args.resume, force=args.force,
+                           init_from=args.init_from)
+    log.info("training %s: %s on lattice %s, %s, %s on %s", recipe.name, recipe.theory,
+             "x".join(map(str, recipe.lattice)), recipe.training.estimator, recipe.dtype,
+             trainer.device)
+    result = trainer.train()
+    ess = "not measured" if result.ess is None else f"{result.ess:.4f}"
+    log.info("done: step %d, final ESS %s, skipped steps %d, %.0f s of training",
+             result.step, ess, result.skipped_steps, result.wall_time)
+    log.info("checkpoint: %s", result.checkpoint)
+    log.info("metrics:    %s", result.metrics)
+    log.info("plot:       %s", result.plot)
+    return 0

@@ -1,0 +1,708 @@
+"""Training a flow from a recipe: optimiser, schedule, checkpoints, metrics and ESS tracking.
+
+Run directory
+-------------
+``checkpoint.pt`` (written atomically: temporary file + ``os.replace``), ``metrics.csv`` (one row
+per step, flushed as it goes) and ``training.png`` (loss and ESS against step).
+
+Conventions
+-----------
+* ``step`` counts optimiser steps taken or skipped; the learning rate of step k (1-based) is
+  ``lr · factor(k − 1)`` with a linear warm-up and an optional cosine decay to 0 at
+  ``training.steps`` (:func:`lr_factor`).
+* A step whose surrogate loss or any gradient is non-finite is skipped: no optimiser update, the
+  step still counts (and the schedule advances). After ``max_bad_steps`` consecutive skips the run
+  stops with :class:`TrainingDiverged`; weights are never updated with non-finite numbers, and a
+  checkpoint never holds non-finite weights.
+* ``loss`` in the metrics is the estimator's objective (the KL estimate up to constants:
+  mean(log q + S) for reverse estimators, −mean log q(x) for forward ones; with
+  ``reverse_weight`` w the same mixture (1 − w)·forward + w·reverse as the loss), NaN on skipped
+  steps. ``logw_std`` is the standard deviation of log w = −S − log q over the training batch.
+* Randomness: the training noise (and the data minibatch indices) come from one
+  ``torch.Generator`` on the device, seeded from the recipe seed. The ESS is measured on
+  ``ess_batch`` fresh samples drawn from a separate generator seeded from (seed, step), so
+  measuring the ESS never perturbs the training stream and a measurement is reproducible
+  whatever happened before it. Weight initialisation uses a third seed derived from the recipe
+  seed and leaves torch's global generator untouched.
+* Resuming restores weights, optimiser and scheduler state, step, generator states and the
+  elapsed time, so that a resumed run continues exactly as an uninterrupted one would (bitwise on
+  the same device and dtype); ``metrics.csv`` is cut back to the checkpoint's step and continued.
+* Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint of it and re-raises
+  KeyboardInterrupt; a second Ctrl-C interrupts at once (the previous checkpoint stays intact).
+
+Checkpoint (a dict of tensors, numbers, strings, lists and dicts: loadable with
+``torch.load(weights_only=True)``): ``format = "latticeflow-checkpoint"``, ``format_version = 1``,
+``latticeflow_version``, ``torch_version``, ``theory``, ``lattice`` (list), ``architecture``,
+``dtype``, ``action`` (the action card), ``recipe`` (:meth:`Recipe.to_dict`), ``model``
+(state_dict; lattice independent), ``optimizer``, ``scheduler``, ``step``, ``rng`` (``train``:
+training generator state, ``torch``: global CPU generator, ``cuda``: current CUDA generator when
+trained on CUDA), ``ess`` (last measured ESS or None), ``ess_step``, ``skipped_steps``,
+``wall_time`` (seconds of training so far).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import latticeflow
+from latticeflow.config import Recipe, TrainingConfig, recipe_from_dict
+from latticeflow.device import select_device, select_dtype
+from latticeflow.ensemble import read_ensemble
+from latticeflow.errors import LatticeflowError
+from latticeflow.estimators import EstimatorOutput, get_estimator
+from latticeflow.flows import Flow, build_flow
+from latticeflow.statistics import ess
+from latticeflow.theories import Action, action_from_table
+
+log = logging.getLogger("latticeflow")
+
+CHECKPOINT_FORMAT = "latticeflow-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+PLOT_NAME = "training.png"
+#: At most one plot refresh per this many seconds at intermediate checkpoints.
+PLOT_INTERVAL_S = 60.0
+METRIC_COLUMNS = ("step", "loss", "ess", "logw_std", "lr", "wall_time", "skipped_steps")
+
+#: Recipe keys that may change when resuming (they do not alter the training trajectory).
+RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval",
+                     "training.ess_batch", "training.checkpoint_interval",
+                     "training.max_bad_steps")
+_RESUMABLE_SECTIONS = ("sampling.", "analysis.")
+_CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
+                    "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
+                    "wall_time")
+_INIT_STREAM, _TRAIN_STREAM, _ESS_STREAM = 0, 1, 2
+
+
+class TrainingDiverged(LatticeflowError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """Where a training run left its files, and how it ended."""
+
+    step: int
+    ess: float | None
+    skipped_steps: int
+    wall_time: float
+    checkpoint: Path
+    metrics: Path
+    plot: Path
+
+
+@dataclass
+class LoadedFlow:
+    """A trained flow from a checkpoint, ready for sampling (``flow`` is in eval mode).
+
+    ``lattice`` is the lattice the flow was built for (the training lattice unless another was
+    asked for); ``recipe`` is the training recipe; ``sha256`` the checkpoint file's digest;
+    ``last_ess`` the last ESS measured during training (on the training lattice).
+    """
+
+    flow: Flow
+    action: Action
+    lattice: tuple[int, ...]
+    recipe: Recipe
+    step: int
+    sha256: str
+    last_ess: float | None
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint files
+# ------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(path_or_run_dir: str | os.PathLike) -> Path:
+    """The checkpoint file itself, or ``<dir>/checkpoint.pt`` for a run directory."""
+    path = Path(path_or_run_dir)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """Load and validate a checkpoint file (on the CPU): ``(contents, sha256 of the file)``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LatticeflowError(f"{path}: no such checkpoint") from None
+    except OSError as exc:
+        raise LatticeflowError(f"{path}: cannot read checkpoint ({exc})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to unpickle means: not a (complete) checkpoint
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LatticeflowError(f"{path}: not a latticeflow checkpoint (cannot be loaded: "
+                               f"{first_line})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise LatticeflowError(f"{path}: not a latticeflow checkpoint (no format marker "
+                               f"{CHECKPOINT_FORMAT!r})")
+    version = state.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise LatticeflowError(f"{path}: checkpoint format_version {version!r} is not supported "
+                               f"(this latticeflow {latticeflow.__version__} reads version "
+                               f"{CHECKPOINT_VERSION})")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise LatticeflowError(f"{path}: corrupt checkpoint (missing {', '.join(missing)})")
+    return state, hashlib.sha256(raw).hexdigest()
+
+
+def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.device | None = None,
+                    lattice: tuple[int, ...] | list[int] | None = None) -> LoadedFlow:
+    """The trained flow of a checkpoint (file or run directory), for sampling.
+
+    ``device``: None → CUDA when available, else CPU. ``lattice``: rebuild the flow on another
+    lattice (the weights do not depend on the lattice size; it must suit the flow's masks).
+    """
+    path = checkpoint_path(path_or_run_dir)
+    state, digest = read_checkpoint(path)
+    recipe = recipe_from_dict(state["recipe"], source=str(path))
+    device = device if isinstance(device, torch.device) else select_device(device or "auto")
+    target = tuple(int(n) for n in (lattice if lattice is not None else state["lattice"]))
+    flow = _build(state["theory"], target, state["architecture"], path)
+    flow.to(device=device, dtype=select_dtype(state["dtype"]))
+    _load_weights(flow, state["model"], path)
+    return LoadedFlow(flow=flow.eval(), action=action_from_table(state["action"], str(path)),
+                      lattice=target, recipe=recipe, step=int(state["step"]), sha256=digest,
+                      last_ess=state["ess"])
+
+
+def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
+           source: str | os.PathLike) -> Flow:
+    try:
+        return build_flow(theory, lattice, architecture)
+    except (ValueError, TypeError) as exc:
+        raise LatticeflowError(f"{source}: cannot build the {theory} flow on lattice "
+                               f"{lattice}: {exc}") from None
+
+
+def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        flow.load_state_dict(model_state)
+    except RuntimeError as exc:
+        raise LatticeflowError(f"{source}: the weights do not fit the flow "
+                               f"({str(exc).splitlines()[0]})") from None
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Schedule, seeds, interrupts
+# ------------------------------------------------------------------------------------------
+
+
+def lr_factor(index: int, config: TrainingConfig) -> float:
+    """Learning-rate multiplier of optimiser step ``index`` (0-based).
+
+    Linear warm-up (index + 1)/warmup_steps for index < warmup_steps; then 1 (constant) or
+    ½(1 + cos(π t)) with t = (index − warmup)/(steps − warmup) going from 0 to 1 (cosine).
+    """
+    warmup = config.warmup_steps
+    if index < warmup:
+        return (index + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = min((index - warmup) / max(config.steps - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _derived_seed(*key: int) -> int:
+    """A 64-bit seed for the stream named by ``key`` (e.g. recipe seed, stream id, step)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
+
+
+class _DeferredInterrupt:
+    """Within the context a first SIGINT only sets :attr:`requested` (checked between steps);
+    a second one raises KeyboardInterrupt at once. Outside the main thread: no effect."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("interrupt: finishing the current step and writing a checkpoint "
+                    "(Ctrl-C again to abort at once)")
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics and plot
+# ------------------------------------------------------------------------------------------
+
+
+def _format(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.8g}"
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the header and the rows up to ``last_step`` (rows after a checkpoint are redone)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or tuple(rows[0]) != METRIC_COLUMNS:
+        raise LatticeflowError(f"{path}: not a latticeflow metrics file (unexpected header)")
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The columns of a ``metrics.csv`` as float arrays (blank → NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {c: np.array([float(r[c]) if r[c] else np.nan for r in rows]) for c in METRIC_COLUMNS}
+
+
+def plot_metrics(metrics: str | os.PathLike, out: str | os.PathLike, title: str = "") -> None:
+    """``training.png``: loss (raw and running mean) and ESS against step."""
+    m = read_metrics(metrics)
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    loss_ax, ess_ax = fig.subplots(2, 1, sharex=True)
+    step, loss = m["step"], m["loss"]
+    loss_ax.plot(step, loss, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
+    window = max(1, len(loss) // 50)
+    if window > 1 and np.isfinite(loss).sum() >= window:
+        kernel = np.ones(window) / window
+        smooth = np.convolve(np.nan_to_num(loss), kernel, "valid") / np.convolve(
+            np.isfinite(loss).astype(float), kernel, "valid")
+        loss_ax.plot(step[window - 1:], smooth, color="tab:blue", lw=1.5,
+                     label=f"mean of {window} steps")
+        loss_ax.legend(loc="upper right")
+        finite = smooth[np.isfinite(smooth)]
+        if finite.size:  # keep the early transient from flattening the rest
+            low, high = np.percentile(finite, [0, 98])
+            pad = 0.1 * (high - low) or 1.0
+            loss_ax.set_ylim(low - pad, high + pad)
+    loss_ax.set_ylabel("loss (KL estimate + const)")
+    loss_ax.grid(alpha=0.3)
+    measured = np.isfinite(m["ess"])
+    ess_ax.plot(step[measured], m["ess"][measured], "o-", color="tab:green", ms=3)
+    ess_ax.set_ylim(0.0, 1.02)
+    ess_ax.set_ylabel("ESS / N")
+    ess_ax.set_xlabel("training step")
+    ess_ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(out, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StepStats:
+    loss: float
+    logw_std: float
+    finite: bool
+
+
+class Trainer:
+    """Trains the flow of ``recipe`` in ``run_dir``; see the module docstring for conventions.
+
+    Construction validates everything (device, ensemble data) and builds the flow, optimiser
+    and scheduler; use :func:`open_trainer` for the run-directory policy (no silent overwrite,
+    resume, init-from). ``device`` overrides the recipe's.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *,
+                 device: str | torch.device | None = None):
+        self.recipe, self.config = recipe, recipe.training
+        self.run_dir = Path(run_dir)
+        self.device = (device if isinstance(device, torch.device)
+                       else select_device(device or recipe.device))
+        self.dtype = select_dtype(recipe.dtype)
+        self.action = recipe.action()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(recipe.seed, _INIT_STREAM))
+            flow = _build(recipe.theory, recipe.lattice, recipe.architecture_dict(),
+                          recipe.source)
+        self.flow = flow.to(device=self.device, dtype=self.dtype)
+        self.estimator = get_estimator(self.config.estimator)
+        self.reverse_term = get_estimator("reverse-fastpath")
+        self.data = self._load_data() if self.config.direction == "forward" else None
+        optimizer = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.flow.parameters(), lr=self.config.lr,
+                                         weight_decay=self.config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda index: lr_factor(index, self.config))
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(_derived_seed(recipe.seed, _TRAIN_STREAM))
+        self.step = 0
+        self.skipped_steps = 0
+        self.last_ess: float | None = None
+        self.last_ess_step: int | None = None
+        self.wall_time = 0.0
+        self.checkpoint_step: int | None = None
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / METRICS_NAME
+
+    @property
+    def plot_file(self) -> Path:
+        return self.run_dir / PLOT_NAME
+
+    # ------------------------------------------------------------------ setup
+    def _load_data(self) -> torch.Tensor:
+        """The ensemble's configurations on the device, after checking they fit the recipe."""
+        path = self.config.data
+        ensemble = read_ensemble(path)
+        meta = ensemble.metadata
+        problems = []
+        if meta.theory != self.recipe.theory:
+            problems.append(f"theory {meta.theory!r} (recipe: {self.recipe.theory!r})")
+        if meta.lattice != self.recipe.lattice:
+            problems.append(f"lattice {list(meta.lattice)} (recipe: {list(self.recipe.lattice)})")
+        else:
+            try:
+                card = action_from_table(dict(meta.action_params), f"{path}: action_params").card()
+            except LatticeflowError as exc:
+                raise LatticeflowError(f"{path}: unusable action parameters: {exc}") from None
+            if card != dict(self.recipe.action_card):
+                problems.append(f"action {card} (recipe: {dict(self.recipe.action_card)})")
+        if problems:
+            raise LatticeflowError(f"training data {path} does not match the recipe: "
+                                   + "; ".join(problems))
+        if len(ensemble) == 0:
+            raise LatticeflowError(f"training data {path} holds no configurations")
+        configs = torch.as_tensor(ensemble["configs"])
+        expected = self.action.field_shape(self.recipe.lattice)
+        if tuple(configs.shape[1:]) != tuple(expected):
+            raise LatticeflowError(f"training data {path}: configurations have shape "
+                                   f"{tuple(configs.shape[1:])}, expected {tuple(expected)}")
+        log.info("training data: %d configurations from %s", len(configs), path)
+        return configs.to(device=self.device, dtype=self.dtype)
+
+    def init_from(self, path: str | os.PathLike) -> None:
+        """Start from the weights of another run (same theory and architecture; any lattice)."""
+        path = checkpoint_path(path)
+        state, _ = read_checkpoint(path)
+        if state["theory"] != self.recipe.theory:
+            raise LatticeflowError(f"--init-from {path}: the checkpoint is a {state['theory']} "
+                                   f"flow, the recipe trains a {self.recipe.theory} flow")
+        ours = self.recipe.architecture_dict()
+        if state["architecture"] != ours:
+            diff = ", ".join(f"{k}: {state['architecture'].get(k)!r} vs {ours.get(k)!r}"
+                             for k in sorted(set(ours) | set(state["architecture"]))
+                             if state["architecture"].get(k) != ours.get(k))
+            raise LatticeflowError(f"--init-from {path}: architecture differs from the "
+                                   f"recipe's [flow] ({diff})")
+        _load_weights(self.flow, state["model"], path)
+        if state["action"] != dict(self.recipe.action_card):
+            log.info("initialising from a flow trained for %s", state["action"])
+        log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
+                 state["lattice"])
+
+    def resume(self) -> None:
+        """Restore the full training state from ``run_dir/checkpoint.pt``."""
+        state, _ = read_checkpoint(self.checkpoint_file)
+        conflicts = _resume_conflicts(state["recipe"], self.recipe.to_dict())
+        if conflicts:
+            raise LatticeflowError(
+                f"cannot resume {self.checkpoint_file}: the recipe differs from the one it was "
+                f"trained with in {'; '.join(conflicts)}. Use --force to start over, or "
+                f"--init-from with a new output directory to start from its weights")
+        _load_weights(self.flow, state["model"], self.checkpoint_file)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                  strict=True):  # the schedule of this recipe from here on
+            group["lr"] = base_lr * lr_factor(self.scheduler.last_epoch, self.config)
+        self.generator.set_state(state["rng"]["train"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = self.checkpoint_step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.last_ess, self.last_ess_step = state["ess"], state["ess_step"]
+        self.wall_time = float(state["wall_time"])
+        _truncate_metrics(self.metrics_file, self.step)
+        log.info("resuming %s at step %d", self.checkpoint_file, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def _batch_loss(self) -> tuple[torch.Tensor, EstimatorOutput, torch.Tensor]:
+        """(loss to backprop, the main estimator's output, the objective to report)."""
+        n = self.config.batch_size
+        if self.data is None:
+            out = self.estimator(self.flow, self.action,
+                                 self.flow.sample_prior(n, generator=self.generator))
+            return out.surrogate, out, out.objective
+        index = torch.randint(len(self.data), (n,), generator=self.generator,
+                              device=self.device)
+        out = self.estimator(self.flow, self.action, self.data[index])
+        w = self.config.reverse_weight
+        if w == 0.0:
+            return out.surrogate, out, out.objective
+        reverse = self.reverse_term(self.flow, self.action,
+                                    self.flow.sample_prior(n, generator=self.generator))
+        return ((1 - w) * out.surrogate + w * reverse.surrogate, out,
+                (1 - w) * out.objective + w * reverse.objective)
+
+    def _train_step(self) -> _StepStats:
+        self.flow.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, out, objective = self._batch_loss()
+        loss.backward()
+        params = [p for p in self.flow.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # one device → host transfer per step
+        values = torch.stack([loss.detach(), norm.to(loss.dtype), objective.to(loss.dtype),
+                              out.log_weight.std().to(loss.dtype)]).tolist()
+        finite = math.isfinite(values[0]) and math.isfinite(values[1])
+        if finite:
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.config.grad_clip, norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return _StepStats(values[2] if finite else math.nan, values[3] if finite else math.nan,
+                          finite)
+
+    @torch.no_grad()
+    def measure_ess(self) -> float:
+        """ESS/N of ``ess_batch`` fresh samples, from a generator seeded by (seed, step)."""
+        self.flow.eval()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_derived_seed(self.recipe.seed, _ESS_STREAM, self.step))
+        log_w = []
+        remaining = self.config.ess_batch
+        while remaining > 0:
+            n = min(remaining, self.config.batch_size)
+            x, log_q = self.flow.sample(n, generator=generator)
+            log_w.append(-(self.action(x) + log_q))
+            remaining -= n
+        value = ess(torch.cat(log_w).double().cpu().numpy())
+        self.last_ess, self.last_ess_step = value, self.step
+        return value
+
+    # ------------------------------------------------------------------ persistence
+    def save_checkpoint(self) -> None:
+        """Write the full training state atomically (refusing non-finite weights)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.flow.parameters()):
+            raise TrainingDiverged(f"refusing to write non-finite weights to "
+                                   f"{self.checkpoint_file}")
+        rng: dict[str, torch.Tensor] = {"train": self.generator.get_state(),
+                                        "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "latticeflow_version": latticeflow.__version__, "torch_version": str(torch.__version__),
+            "theory": self.recipe.theory, "lattice": list(self.recipe.lattice),
+            "architecture": self.recipe.architecture_dict(), "dtype": self.recipe.dtype,
+            "action": self.action.card(), "recipe": self.recipe.to_dict(),
+            "model": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
+            "ess": self.last_ess, "ess_step": self.last_ess_step,
+            "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
+        }
+        _atomic_save(state, self.checkpoint_file)
+        self.checkpoint_step = self.step
+        log.debug("checkpoint at step %d: %s", self.step, self.checkpoint_file)
+
+    def write_plot(self) -> None:
+        lattice = "x".join(map(str, self.recipe.lattice))
+        plot_metrics(self.metrics_file, self.plot_file,
+                     f"{self.recipe.name}: {self.action!r}, lattice {lattice}")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainingResult:
+        """Train up to ``training.steps`` (total); returns where everything was written."""
+        total = self.config.steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step >= total and self.checkpoint_step == self.step:
+            log.info("already at step %d of %d: nothing to train", self.step, total)
+            return self._result()
+        if self.step == 0 and self.last_ess is None:
+            log.info("initial ESS: %.4f", self.measure_ess())
+        bad_streak, last_plot = 0, time.monotonic()
+        new_file = not self.metrics_file.exists()
+        with open(self.metrics_file, "a", newline="") as metrics, \
+                _DeferredInterrupt() as interrupt, logging_redirect_tqdm(), \
+                tqdm(total=total, initial=self.step, disable=not sys.stderr.isatty(),
+                     dynamic_ncols=True, unit="step") as bar:
+            writer = csv.writer(metrics)
+            if new_file:
+                writer.writerow(METRIC_COLUMNS)
+            while self.step < total:
+                started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                stats = self._train_step()
+                self.step += 1
+                if stats.finite:
+                    bad_streak = 0
+                else:
+                    bad_streak += 1
+                    self.skipped_steps += 1
+                    log.warning("step %d: non-finite loss or gradient; step skipped "
+                                "(%d in a row)", self.step, bad_streak)
+                measured = None
+                if self.step % self.config.ess_interval == 0 or self.step == total:
+                    measured = self.measure_ess()
+                self.wall_time += time.perf_counter() - started
+                writer.writerow([_format(v) for v in (
+                    self.step, stats.loss, measured, stats.logw_std, lr, self.wall_time,
+                    self.skipped_steps)])
+                metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4g}", ess=_format_ess(self.last_ess))
+                if measured is not None:
+                    log.info("step %d/%d  loss %.5g  ESS %.4f  lr %.3g  skipped %d  (%.0f s)",
+                             self.step, total, stats.loss, measured, lr, self.skipped_steps,
+                             self.wall_time)
+                if bad_streak >= self.config.max_bad_steps:
+                    metrics.flush()
+                    self.write_plot()
+                    raise TrainingDiverged(self._divergence_message(bad_streak))
+                if self.step % self.config.checkpoint_interval == 0 or self.step == total:
+                    self.save_checkpoint()
+                    if self.step == total or time.monotonic() - last_plot > PLOT_INTERVAL_S:
+                        self.write_plot()
+                        last_plot = time.monotonic()
+                if interrupt.requested:
+                    if self.checkpoint_step != self.step:
+                        self.save_checkpoint()
+                    self.write_plot()
+                    log.warning("interrupted at step %d; checkpoint written to %s", self.step,
+                                self.checkpoint_file)
+                    raise KeyboardInterrupt
+        if self.checkpoint_step != self.step:  # training.steps = 0
+            self.save_checkpoint()
+            self.write_plot()
+        return self._result()
+
+    def _divergence_message(self, streak: int) -> str:
+        kept = (f"the last good checkpoint {self.checkpoint_file} (step {self.checkpoint_step}) "
+                f"is intact" if self.checkpoint_step is not None
+                else "no checkpoint had been written yet")
+        return (f"training stopped at step {self.step}: {streak} consecutive steps had a "
+                f"non-finite loss or gradient; {kept}. Try a smaller training.lr, "
+                f"training.grad_clip, or dtype = \"float64\"")
+
+    def _result(self) -> TrainingResult:
+        return TrainingResult(step=self.step, ess=self.last_ess, skipped_steps=self.skipped_steps,
+                              wall_time=self.wall_time, checkpoint=self.checkpoint_file,
+                              metrics=self.metrics_file, plot=self.plot_file)
+
+
+def _format_ess(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "action":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Recipe keys that differ and would change the training trajectory."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    return [f"{key} ({old_flat.get(key)!r} → {new_flat.get(key)!r})"
+            for key in sorted(set(old_flat) | set(new_flat))
+            if old_flat.get(key) != new_flat.get(key) and key not in RESUMABLE_CHANGES
+            and not key.startswith(_RESUMABLE_SECTIONS)]
+
+
+def open_trainer(recipe: Recipe, run_dir: str | os.PathLike | None = None, *,
+                 resume: bool = False, force: bool = False,
+                 init_from: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None) -> Trainer:
+    """A :class:`Trainer` for ``run_dir`` (default ``recipe.default_run_dir()``), ready to train.
+
+    An existing checkpoint is never replaced unless ``resume`` (continue from it) or ``force``
+    (delete the run's checkpoint, metrics and plot and start over). ``init_from`` starts a new
+    run from the weights of another checkpoint (e.g. trained on a smaller lattice).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else recipe.default_run_dir()
+    existing = run_dir / CHECKPOINT_NAME
+    if resume and force:
+        raise LatticeflowError("--resume and --force exclude each other")
+    if resume and init_from is not None:
+        raise LatticeflowError("--resume continues a run from its own checkpoint; it cannot be "
+                               "combined with --init-from")
+    if resume and not existing.exists():
+        raise LatticeflowError(f"cannot resume: {existing} does not exist")
+    if existing.exists() and not (resume or force):
+        raise LatticeflowError(f"{existing} already exists; use --resume to continue that run "
+                               f"or --force to start over (or --out for another directory)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LatticeflowError(f"output directory {run_dir} is a file")
+    trainer = Trainer(recipe, run_dir, device=device)
+    if init_from is not None:
+        trainer.init_from(init_from)
+    if resume:
+        trainer.resume()
+    elif force:
+        for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME):
+            if (run_dir / name).exists():
+                log.info("--force: removing %s", run_dir / name)
+                (run_dir / name).unlink()
+    elif (run_dir / METRICS_NAME).exists():
+        raise LatticeflowError(f"{run_dir / METRICS_NAME} exists without a checkpoint; use "
+                               f"--force to start over")
+    return trainer
+
+
+__all__ = ["CHECKPOINT_NAME", "LoadedFlow", "METRICS_NAME", "PLOT_NAME", "Trainer",
+           "TrainingDiverged", "TrainingResult", "checkpoint_path", "load_checkpoint",
+           "lr_factor", "open_trainer", "plot_metrics", "read_checkpoint", "read_metrics"]
+
