@@ -347,26 +347,33 @@ class MicroBins:
 def wilson_loops(links: Tensor, rmax: int, tmax: int) -> Tensor:
     """W(R,T) per configuration for 1 ≤ R ≤ rmax, 1 ≤ T ≤ tmax: ``(B, rmax, tmax)``.
 
-    The loop with corner x encloses the plaquettes x + k0̂ + j1̂ (k < R, j < T), and its phase is
-    the sum of their (unwrapped) angles; box sums come from a periodic summed-area table, so
-    each (R,T) costs O(V). Equals :func:`latticeflow.observables.wilson_loop` up to round-off.
+    The loop with corner x encloses the plaquettes x + k0̂ + j1̂ (k < R, j < T); its phase is the
+    sum of their (unwrapped) angles (2D Stokes), so it equals
+    :func:`latticeflow.observables.wilson_loop` up to round-off. Method, for each R: strip sums
+    H(x) = Σ_{k<R} P(x + k0̂), their exclusive running sum C(x0, x1) = Σ_{y<x1} H(x0, y) and the
+    strip's total Φ(x0) = Σ_y H(x0, y); the loop phase is C(x1+T) − C(x1) with C continued by
+    C(x1 + L1) = C(x1) + Φ. G = exp(i[C − Φ x1/L1]) is periodic in x1, hence
+    Σ_{x1} e^{i·phase} = e^{iΦT/L1} Σ_{x1} G(x1+T) G*(x1), an FFT autocorrelation giving every T
+    at once (cost O(V log L1) per R instead of O(V) cosines per (R, T)).
     """
     p = plaquette(links)
     size0, size1 = p.shape[1], p.shape[2]
     if not (1 <= rmax <= size0 and 1 <= tmax <= size1):
         raise ValueError(f"need 1 <= rmax <= L0, 1 <= tmax <= L1, got {rmax}, {tmax}")
-    ext = torch.cat([p, p[:, :rmax]], dim=1)
-    ext = torch.cat([ext, ext[:, :, :tmax]], dim=2)
-    table = torch.zeros(p.shape[0], size0 + rmax + 1, size1 + tmax + 1, dtype=p.dtype)
-    table[:, 1:, 1:] = ext.cumsum(1).cumsum(2)
+    lags = torch.arange(1, tmax + 1, dtype=p.dtype)
+    lag_index = torch.arange(1, tmax + 1) % size1      # lag L1 is lag 0 of the periodic G
+    x1 = torch.arange(size1, dtype=p.dtype)
     out = torch.empty(p.shape[0], rmax, tmax, dtype=p.dtype)
-    corner = table[:, :size0, :size1]
+    strip = torch.zeros_like(p)
     for r in range(1, rmax + 1):
-        right = table[:, r:r + size0, :size1]
-        for t in range(1, tmax + 1):
-            top = table[:, r:r + size0, t:t + size1] - table[:, :size0, t:t + size1]
-            box = top - right + corner
-            out[:, r - 1, t - 1] = torch.cos(box).mean((1, 2))
+        strip = strip + torch.roll(p, shifts=-(r - 1), dims=1)
+        running = torch.cumsum(strip, dim=2) - strip               # exclusive: C(x1)
+        total = strip.sum(dim=2, keepdim=True)                     # Φ(x0)
+        g = torch.polar(torch.ones_like(p), running - total * x1 / size1)
+        spectrum = torch.fft.fft(g, dim=2)
+        corr = torch.fft.ifft(spectrum.real**2 + spectrum.imag**2, dim=2)[..., lag_index]
+        twist = torch.polar(torch.ones_like(corr.real), total * lags / size1)
+        out[:, r - 1] = (twist * corr).real.mean(dim=1) / size1
     return out
 
 
@@ -441,13 +448,13 @@ class _Phi4Analysis:
         series = {"m": m, "abs_m": m.abs(), "m2": m.square(), "m4": m.square().square(),
                   "gp": power[p_min]}
         binned = torch.cat([m[:, None], power.reshape(len(x), -1)], dim=1)
-        return {k: v.numpy() for k, v in series.items()}, binned
+        return _copies(series), binned
 
     def observables(self, kept: Callable[[str], list[np.ndarray]]) -> dict[str, ObservableResult]:
         volume = self.volume
 
         def chi2(means: np.ndarray) -> float:
-            return 1.01 * float(obs.susceptibility_from_means(torch.as_tensor(means[1]),
+            return float(obs.susceptibility_from_means(torch.as_tensor(means[1]),
                                                        torch.as_tensor(means[0]), volume))
 
         def binder(means: np.ndarray) -> float:
@@ -497,15 +504,16 @@ class _U1Analysis:
 
     history_names = ("plaquette", "q_raw", "wilson_loop_1x1", "wilson_loop_2x2")
 
-    def __init__(self, lattice: tuple[int, ...], wilson_max: int | None):
+    def __init__(self, lattice: tuple[int, ...], wilson_max: int | None, table: bool):
         self.lattice = lattice
         self.volume = math.prod(lattice)
         cap = wilson_max if wilson_max is not None else max(lattice)
         if cap < 1:
             raise LatticeflowError(f"wilson_max must be >= 1, got {cap}")
-        self.rmax = max(1, min(lattice[0] // 2, cap))
-        self.tmax = max(1, min(lattice[1] // 2, cap))
-        self.has_2x2 = self.rmax >= 2 and self.tmax >= 2
+        self.has_2x2 = min(lattice[0] // 2, lattice[1] // 2, cap) >= 2
+        # without the table only W(1,1) and W(2,2) are measured
+        self.rmax = max(1, min(lattice[0] // 2, cap if table else 2))
+        self.tmax = max(1, min(lattice[1] // 2, cap if table else 2))
         self.n_binned_cols = self.rmax * self.tmax
 
     def measure(self, x: Tensor) -> tuple[dict[str, np.ndarray], Tensor]:
@@ -513,7 +521,7 @@ class _U1Analysis:
         series = {"plaquette": obs.plaquette_mean(x), "q_raw": obs.topological_charge(x),
                   "wilson_loop_1x1": table[:, 0, 0],
                   "wilson_loop_2x2": table[:, 1, 1] if self.has_2x2 else table[:, 0, 0] * np.nan}
-        return {k: v.numpy() for k, v in series.items()}, table.reshape(len(x), -1)
+        return _copies(series), table.reshape(len(x), -1)
 
     def observables(self, kept: Callable[[str], list[np.ndarray]]) -> dict[str, ObservableResult]:
         volume = self.volume
@@ -558,6 +566,12 @@ class _U1Analysis:
         charges, counts = np.unique(rounded.astype(np.int64), return_counts=True)
         return TopologyResult([np.round(h).astype(np.int64) for h in histories], charges, counts,
                               deviation)
+
+
+def _copies(series: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Own numpy copies: a view (e.g. one momentum of the power spectrum) would keep the whole
+    per-chunk tensor alive for the rest of the analysis."""
+    return {name: np.array(values.numpy(), copy=True) for name, values in series.items()}
 
 
 def _stack(*columns: list[np.ndarray]) -> list[np.ndarray]:
@@ -652,7 +666,7 @@ def analyse(
         layout = chain_layout(chain, meta.n_complete, thermalization, where)
         theory: _TheoryAnalysis
         if isinstance(action, U1Wilson):
-            theory = _U1Analysis(meta.lattice, wilson_max)
+            theory = _U1Analysis(meta.lattice, wilson_max, correlators)
         else:
             theory = _Phi4Analysis(meta.lattice)
         micro = (MicroBins(layout, meta.n_complete, theory.n_binned_cols, max_micro_bins)

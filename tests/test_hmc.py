@@ -196,5 +196,9 @@ def test_config_validation_and_round_trip() -> None:
     assert config.discretise(0.3) == (1 / 3, 3)
     with pytest.raises(LatticeflowError, match="integrator"):
         HMCConfig(integrator="verlet")
+    with pytest.raises(LatticeflowError, match="device"):
+        HMCConfig(device="gpu0")
+    with pytest.raises(LatticeflowError, match="n_chains"):
+        HMCConfig(n_chains=2.0)
     with pytest.raises(LatticeflowError, match="unknown parameter"):
         HMCConfig.from_dict({"stepsize": 0.1})

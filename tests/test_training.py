@@ -154,7 +154,6 @@ def test_init_from_smaller_lattice(tmp_path: Path) -> None:
     fresh = Trainer(big, tmp_path / "fresh").measure_ess()
     transferred = open_trainer(big, tmp_path / "big", init_from=tmp_path / "small")
     ess_big = transferred.measure_ess()
-    print(fresh, ess_big, result.ess)
     assert fresh < 0.01 and ess_big > 0.1, (ess_big, fresh)
 
     loaded = load_checkpoint(tmp_path / "small", device="cpu", lattice=(8, 8))

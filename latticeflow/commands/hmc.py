@@ -63,9 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_counts(args)
-    if args.chunk % args.chains:
-        raise LatticeflowError(f"--chunk ({args.chunk}) must be a multiple of --chains "
-                               f"({args.chains})")
     action = load_action_card(args.action_card)
     action.field_shape(args.lattice)  # rejects a lattice the theory cannot take
     config = HMCConfig(step_size=args.step_size, trajectory_length=args.trajectory_length,

@@ -133,6 +133,10 @@ class HMCConfig:
             raise bad("step_jitter", "must be in [0, 1)")
         if self.dtype not in _DTYPES:
             raise bad("dtype", f"must be one of {', '.join(_DTYPES)}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise bad("device", "must be a torch device such as cpu, cuda or cuda:1") from None
 
     def discretise(self, step_size: float) -> tuple[float, int]:
         """(ε, n_steps) with n_steps = round(τ/step_size) in [1, MAX_STEPS] and ε = τ/n_steps."""
