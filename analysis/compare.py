@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from latticeflow import analysis, plots
 from latticeflow import script_support as ss
+from latticeflow.errors import LatticeflowError
 
 EXAMPLES = (
     "python analysis/compare.py runs/free_hmc.h5 runs/free_nmcmc.h5",
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     thermalization = ss.parse_int_list(args.thermalization, n, "--thermalization")
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != n:
-        raise ss.LatticeflowError(f"--labels: {len(labels)} labels for {n} ensembles")
+        raise LatticeflowError(f"--labels: {len(labels)} labels for {n} ensembles")
     if args.plot:
-        ss.check_output_dir(ss.Path(args.plot).parent)
+        ss.check_output_dir(Path(args.plot).parent)
     results = [analysis.analyse(path, k, correlators=False)
                for path, k in zip(args.ensembles, thermalization, strict=True)]
     comparison = analysis.compare(results, labels)

@@ -12,6 +12,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from latticeflow.estimators import ESTIMATORS, direction, get_estimator
@@ -130,3 +131,55 @@ def format_table(rows: list[StepTiming]) -> str:
 
 def as_records(rows: list[StepTiming]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+@dataclass
+class SamplingThroughput:
+    theory: str
+    lattice: int
+    batch: int
+    n: int
+    raw_per_second: float
+    written_per_second: float
+
+    @property
+    def overhead(self) -> float:
+        """Extra time of accept/reject + HDF5 writing relative to raw flow sampling."""
+        return self.raw_per_second / self.written_per_second - 1
+
+
+def bench_sampling(theory: str, lattice: int, batch: int, n: int, arch: dict, *, device=None,
+                   dtype=torch.float32, directory=None) -> SamplingThroughput:
+    """Configurations per second: raw flow sampling (proposals, log q, S) versus the full
+    neural-MCMC chain written to an HDF5 ensemble (accept/reject, gather, transfer, write)."""
+    import tempfile
+    from pathlib import Path
+
+    from latticeflow.ensemble import EnsembleWriter
+    from latticeflow.samplers.chain import run_chain
+    from latticeflow.samplers.nmcmc import FlowMetropolis
+
+    device = torch.device(device or "cpu")
+    flow = perturbed_flow(theory, lattice, arch, device, dtype)
+    action = BENCH_ACTIONS[theory]
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        flow.sample(batch, generator=generator)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n // batch):
+            x, _ = flow.sample(batch, generator=generator)
+            action(x)
+        _sync(device)
+        raw = (n // batch) * batch / (time.perf_counter() - start)
+    sampler = FlowMetropolis(flow, action, seed=0, batch_size=batch)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        writer = EnsembleWriter.create(
+            Path(tmp) / "bench.h5", theory=theory, action_card=action.card(),
+            lattice=(lattice, lattice), field_shape=flow.field_shape, sampler="nmcmc", seed=0,
+            sampler_params={}, dtype=np.float32, chunk_rows=batch)
+        with writer:
+            start = time.perf_counter()
+            run_chain(sampler, writer, (n // batch) * batch, batch, progress=False)
+            written = (n // batch) * batch / (time.perf_counter() - start)
+    return SamplingThroughput(theory, lattice, batch, (n // batch) * batch, raw, written)

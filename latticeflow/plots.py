@@ -243,7 +243,8 @@ def _log_panel(ax: Axes, x: np.ndarray, values: np.ndarray, errors: np.ndarray,
 
 def plot_correlators(result: AnalysisResult, path: str | os.PathLike) -> Path:
     """φ⁴: G_c(x, 0⃗) along axis 0 and C(t) on log scales, and the effective mass m_eff(t)
-    with ξ₂; exact free-field curves where known. Error bars: jackknife over bins."""
+    with ξ₂; exact free-field curves where known. Error bars: jackknife over bins; points that
+    cannot be drawn (≤ 0 on a log axis, undefined m_eff or error) are counted in the legend."""
     corr = result.correlators
     if corr is None:
         raise ValueError("the result has no correlators (not a φ⁴ ensemble, or "
@@ -264,9 +265,11 @@ def plot_correlators(result: AnalysisResult, path: str | os.PathLike) -> Path:
     c_ax.set_ylabel("C(t) = Σ_y G_c(t, y)")
     c_ax.set_title("zero-momentum correlator")
     t_eff = np.arange(1, len(corr.m_eff) + 1)
-    finite = np.isfinite(corr.m_eff)
+    finite = np.isfinite(corr.m_eff) & np.isfinite(corr.m_eff_error)
+    hidden = int((~finite).sum())
+    note = f" ({hidden} undefined, not shown)" if hidden else ""
     m_ax.errorbar(t_eff[finite], corr.m_eff[finite], yerr=corr.m_eff_error[finite], fmt="o",
-                  markersize=4, capsize=2, label="m_eff(t)")
+                  markersize=4, capsize=2, label=f"m_eff(t){note}")
     if exact.m_eff is not None:
         m_ax.axhline(exact.m_eff, **_EXACT_STYLE,
                      label=f"exact arccosh(1 + m²/2) = {exact.m_eff:.4g}")
@@ -279,6 +282,8 @@ def plot_correlators(result: AnalysisResult, path: str | os.PathLike) -> Path:
     m_ax.set_title(f"effective mass; {xi_text}", fontsize="medium")
     _clip_to_data(m_ax, corr.m_eff[finite], corr.m_eff_error[finite], exact.m_eff)
     m_ax.legend(fontsize="small", loc="best")
+    for ax in (g_ax, c_ax, m_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     figure.suptitle(f"Correlators ({corr.n_bins} jackknife bins of {corr.bin_rows} rows)\n"
                     f"{describe(result)}")
     return _save(figure, path)
@@ -291,10 +296,9 @@ def _clip_to_data(ax: Axes, values: np.ndarray, errors: np.ndarray, reference: f
     if values.size == 0:
         return
     good = np.isfinite(errors) & (errors < 0.2 * np.abs(values))
-    if good.any():
-        pool = np.concatenate([values[good] - errors[good], values[good] + errors[good]])
-    else:
-        pool = values
+    if not good.any():
+        return          # nothing well measured: show the honest (large) error bars
+    pool = np.concatenate([values[good] - errors[good], values[good] + errors[good]])
     if reference is not None:
         pool = np.append(pool, reference)
     low, high = float(np.min(pool)), float(np.max(pool))
@@ -327,7 +331,7 @@ def plot_wilson_loops(result: AnalysisResult, path: str | os.PathLike) -> Path:
     diag = np.arange(1, min(wilson.rmax, wilson.tmax) + 1)
     values = np.array([wilson.creutz[k - 1, k - 1] for k in diag])
     errors = np.array([wilson.creutz_error[k - 1, k - 1] for k in diag])
-    finite = np.isfinite(values)
+    finite = np.isfinite(values) & np.isfinite(errors)
     c_ax.errorbar(diag[finite], values[finite], yerr=errors[finite], fmt="o", capsize=2,
                   markersize=4, label="χ(R,R)")
     if exact.creutz is not None:

@@ -105,9 +105,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def format_value(value: float, error: float | None = None, digits: int = 2) -> str:
     """``value ± error`` with the error to ``digits`` significant digits and the value to the
     same decimal place (``1.2346 ± 0.0012``); only the value (6 significant digits) when the
-    error is None, NaN or zero. Very large or small magnitudes use exponent notation."""
+    error is None, infinite or zero, ``value ± nan`` (4 digits) when it is NaN. Very large or
+    small magnitudes use exponent notation."""
     if value is None or not math.isfinite(value):
         return "nan" if value is None or math.isnan(value) else f"{value}"
+    if error is not None and math.isnan(error):
+        return f"{value:.4g} ± nan"
     if error is None or not math.isfinite(error) or error <= 0.0:
         return f"{value:.6g}"
     exponent = math.floor(math.log10(error)) - digits + 1

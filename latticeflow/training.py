@@ -12,8 +12,9 @@ Conventions
   ``training.steps`` (:func:`lr_factor`).
 * A step whose surrogate loss or any gradient is non-finite is skipped: no optimiser update, the
   step still counts (and the schedule advances). After ``max_bad_steps`` consecutive skips the run
-  stops with :class:`TrainingDiverged`; weights are never updated with non-finite numbers, and a
-  checkpoint never holds non-finite weights.
+  stops with :class:`TrainingDiverged`; weights are never updated with non-finite numbers, a
+  checkpoint never holds non-finite weights, and no periodic checkpoint is written while a run
+  of skipped steps is going on (the last good one stays).
 * ``loss`` in the metrics is the estimator's objective (the KL estimate up to constants:
   mean(log q + S) for reverse estimators, −mean log q(x) for forward ones; with
   ``reverse_weight`` w the same mixture (1 − w)·forward + w·reverse as the loss), NaN on skipped
@@ -608,7 +609,8 @@ class Trainer:
                     metrics.flush()
                     self.write_plot()
                     raise TrainingDiverged(self._divergence_message(bad_streak))
-                if self.step % self.config.checkpoint_interval == 0 or self.step == total:
+                if (self.step % self.config.checkpoint_interval == 0 and bad_streak == 0
+                        or self.step == total):
                     self.save_checkpoint()
                     if self.step == total or time.monotonic() - last_plot > PLOT_INTERVAL_S:
                         self.write_plot()

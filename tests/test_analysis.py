@@ -22,6 +22,7 @@ from latticeflow import analysis, exact, observables, plots
 from latticeflow import script_support as ss
 from latticeflow.ensemble import EnsembleWriter, read_ensemble
 from latticeflow.errors import LatticeflowError
+from latticeflow.lattice import plaquette
 from latticeflow.samplers.chain import run_chain
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.theories import Phi4, Phi4Hopping, U1Wilson
@@ -226,10 +227,19 @@ def test_u1_uniform_links_match_exact(u1_file):
 
 
 def test_wilson_loops_equal_observables_module():
-    links = torch.rand(3, 2, 6, 8) * 2 * math.pi
+    links = torch.rand(3, 2, 6, 8) * 2 * math.pi + 5.0
     fast = analysis.wilson_loops(links, 3, 4)
     slow = observables.wilson_loop_table(links, 3, 4)[:, 1:, 1:]
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
+    # every R ≤ L0, T ≤ L1 (the FFT lags wrap around): cos of the enclosed plaquette sum
+    links = torch.rand(2, 2, 5, 4) * 2 * math.pi
+    p = plaquette(links)
+    table = analysis.wilson_loops(links, 5, 4)
+    for r in range(1, 6):
+        for t in range(1, 5):
+            box = sum(torch.roll(p, (-k, -j), (1, 2)) for k in range(r) for j in range(t))
+            torch.testing.assert_close(table[:, r - 1, t - 1], torch.cos(box).mean((1, 2)),
+                                       rtol=0, atol=1e-12)
 
 
 def test_u1_hmc_chains_match_exact(tmp_path):
@@ -539,6 +549,7 @@ def test_formatting():
     assert ss.format_value(123.456, 12.3) == "123 ± 12"
     assert ss.format_value(2.5e-6, 3.1e-7) == "(2.50 ± 0.31)e-6"
     assert ss.format_value(0.5, 0.0) == "0.5"
+    assert ss.format_value(2.38503, math.nan) == "2.385 ± nan"
     assert ss.format_value(math.nan, 0.1) == "nan"
     assert ss.format_deviation(-1.26) == "-1.3σ" and ss.format_deviation(math.nan) == ""
     assert ss.json_safe({"a": np.float64(math.nan), "b": [np.int64(2), math.inf]}) == {

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from latticeflow import estimators
+from latticeflow import cli, estimators
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
 from latticeflow.statistics import ess
@@ -167,7 +167,8 @@ def test_init_from_smaller_lattice(tmp_path: Path) -> None:
 
 
 def test_refuses_mismatched_checkpoints(tmp_path: Path) -> None:
-    base = 'lattice = [4, 4]\n[training]\nsteps = 0\ness_batch = 8\n'
+    # float64 = the tests' default dtype (ncp.py builds a constant in the default dtype)
+    base = 'lattice = [4, 4]\ndtype = "float64"\n[training]\nsteps = 0\ness_batch = 8\n'
     make_u1 = make_recipe(tmp_path, base + TINY + "n_mixture = 2\n", card=U1_CARD, name="u1")
     open_trainer(make_u1, tmp_path / "u1").train()
     phi4 = make_recipe(tmp_path, base + TINY, name="phi4")
@@ -318,7 +319,7 @@ def latticeflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_train(tmp_path: Path) -> None:
+def test_cli_train(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "card.toml").write_text(PHI4_CARD)
     (tmp_path / "tiny.toml").write_text(
         'action = "card.toml"\nlattice = [4, 4]\ndevice = "cpu"\n' + TINY +
@@ -343,6 +344,11 @@ def test_cli_train(tmp_path: Path) -> None:
     assert read_checkpoint(out / "checkpoint.pt")[0]["step"] == 5
     assert len(read_metrics(out / "metrics.csv")["step"]) == 5
 
-    fresh = latticeflow("train", "tiny.toml", "--force", "--out", "elsewhere", cwd=tmp_path)
-    assert fresh.returncode == 0 and (tmp_path / "elsewhere" / "checkpoint.pt").exists()
-    assert "example" in latticeflow("train", "--help", cwd=tmp_path).stdout
+    # in-process (no interpreter start-up): --force starts over, --help shows an example
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "tiny.toml", "--force", "--steps", "1"]) == 0
+    assert read_checkpoint(out / "checkpoint.pt")[0]["step"] == 1
+    assert len(read_metrics(out / "metrics.csv")["step"]) == 1
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "latticeflow train runs/quickstart.toml" in capsys.readouterr().out
