@@ -1,6 +1,7 @@
 """Ensembles against exact results: free-field propagator and 2D U(1) plaquette and χ_t.
 
-Slow: these train flows and run chains for minutes (``pytest -m slow tests/test_physics.py``).
+The neural-MCMC tests train flows for minutes and are marked slow
+(``pytest -m slow tests/test_physics.py``); the HMC ones take seconds and run by default.
 Tolerance: every comparison is |estimate − exact| < 4 σ with σ the Γ-method error of the
 estimate (autocorrelations included); with a handful of comparisons per test, a false alarm
 has probability below ~1e-3.
@@ -21,8 +22,6 @@ from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.statistics import gamma_method
 from latticeflow.training import open_trainer
-
-pytestmark = pytest.mark.slow
 
 FREE = 'theory = "phi4"\nform = "standard"\nm2 = 1.0\nlam = 0.0\n'
 U1 = 'theory = "u1"\nbeta = 2.0\n'
@@ -80,6 +79,7 @@ def test_free_field_hmc_propagator():
     _check_free_field(configs, chain, 1.0, (8, 8))
 
 
+@pytest.mark.slow
 def test_free_field_neural_mcmc_propagator(tmp_path):
     flow, action = _train(tmp_path, FREE, "[8, 8]", 600)
     rows = FlowMetropolis(flow, action, seed=2, batch_size=2000).advance(40000)
@@ -94,6 +94,7 @@ def test_u1_hmc_plaquette_and_susceptibility():
     _check_u1(configs, chain, 2.0, (8, 8))
 
 
+@pytest.mark.slow
 def test_u1_neural_mcmc_plaquette_and_susceptibility(tmp_path):
     flow, action = _train(tmp_path, U1, "[8, 8]", 400, '[flow]\nn_couplings = 8\n')
     rows = FlowMetropolis(flow, action, seed=2, batch_size=2000).advance(30000)
