@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,14 +214,13 @@ def _shown(value: float, error: float | None) -> str:
     return ss.format_value(value, None if exact_to_roundoff else error)
 
 
-def _per_site_row(name: str, value: float | None, error: float | None, volume: int,
-                  exact: float | None, with_deviation: bool) -> list[str]:
-    if value is None:
-        return [name, "", "", "", ""]
-    row = [name, _shown(value, error), _shown(value / volume, error / volume),
-           "" if exact is None else f"{exact / volume:.6f}"]
-    dev = analysis.deviation(value, error, exact) if exact is not None else math.nan
-    return row + [ss.format_deviation(dev) if with_deviation else ""]
+def _per_site_row(name: str, value: float, error: float, volume: int, exact: float | None,
+                  with_deviation: bool = True) -> list[str]:
+    """[name, value ± error, per site, exact per site, deviation from exact]."""
+    dev = (ss.format_deviation(analysis.deviation(value, error, exact))
+           if with_deviation and exact is not None else "")
+    return [name, _shown(value, error), _shown(value / volume, error / volume),
+            "" if exact is None else f"{exact / volume:.6f}", dev]
 
 
 def _header(record: dict[str, Any]) -> list[str]:
@@ -249,18 +247,18 @@ def _header(record: dict[str, Any]) -> list[str]:
 def _log_z_table(record: dict[str, Any]) -> str:
     volume, exact = record["volume"], record["exact_log_z"]
     rows = [
-        _per_site_row("log Z (IS)", record["log_z"], record["log_z_error"], volume, exact, True),
+        _per_site_row("log Z (IS)", record["log_z"], record["log_z_error"], volume, exact),
         _per_site_row("ELBO = E_q[log w]", record["elbo"], record["elbo_error"], volume, exact,
-                      False),
-        _per_site_row("EUBO = E_p[log w]", record["eubo"], record["eubo_error"], volume, exact,
-                      False),
+                      with_deviation=False),
     ]
+    if record["eubo"] is not None:
+        rows.append(_per_site_row("EUBO = E_p[log w]", record["eubo"], record["eubo_error"],
+                                  volume, exact, with_deviation=False))
     if record["log_z_haar"] is not None:
         offset = record["log_z"] - record["log_z_haar"]
         rows.append(_per_site_row("log Z_haar (IS)", record["log_z_haar"],
                                   record["log_z_error"], volume,
-                                  None if exact is None else exact - offset, True))
-    rows = [r for r in rows if r[1]]
+                                  None if exact is None else exact - offset))
     rows.append(["F/V = −log Z / V", "", _shown(record["free_energy_per_site"],
                                                 record["log_z_per_site_error"]),
                  "" if exact is None else f"{-exact / volume:.6f}", ""])

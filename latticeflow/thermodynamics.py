@@ -71,6 +71,8 @@ REWEIGHT_MIN_ESS = 0.01
 REWEIGHT_MIN_EFFECTIVE = 50
 #: The IS estimate is inconsistent with the forward bound when above it by this many errors.
 BOUND_SIGMAS = 3.0
+#: Relative spread below which a series of log weights counts as constant (round-off).
+_ROUND_OFF = 1e-12
 
 #: A per-configuration measurement: batch ``(B, *field_shape)`` → ``(B,)``.
 Measurement = Callable[[Tensor], Tensor]
@@ -196,6 +198,10 @@ def forward_bound(log_weight_chains: Sequence[ArrayLike]) -> ForwardBound:
     """The forward bound from log w = −S − log q on the configurations of each Markov chain of
     an ensemble of p (one array per chain, in Markov order), chains combined as replicas."""
     chains = [np.asarray(c, dtype=float) for c in log_weight_chains]
+    joined = np.concatenate(chains)
+    if np.ptp(joined) <= _ROUND_OFF * max(1.0, float(np.abs(joined).max())):
+        # q = p: log w is constant up to round-off, whose "autocorrelation" means nothing
+        return ForwardBound(float(joined.mean()), 0.0, joined.size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShortChainWarning)
         result = gamma_method(chains)

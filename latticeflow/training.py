@@ -351,7 +351,8 @@ class Trainer:
 
     Construction validates everything (device, ensemble data) and builds the flow, optimiser
     and scheduler; use :func:`open_trainer` for the run-directory policy (no silent overwrite,
-    resume, init-from). ``device`` overrides the recipe's.
+    resume, init-from). ``device`` overrides the recipe's. Forward estimators keep the whole
+    ensemble's configurations on the device and draw minibatches (with replacement) from it.
     """
 
     def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *,

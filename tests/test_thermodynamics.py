@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -34,13 +36,21 @@ U1_ARCH = {"n_couplings": 8, "n_mixture": 2, "hidden": [4], "kernel_size": 3}
 PHI4_ARCH = {"n_couplings": 2, "hidden": [4], "kernel_size": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
+@contextmanager
+def one_thread() -> Iterator[None]:
     """Tiny tensors: one thread is fastest, and immune to oversubscription on a busy machine."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -262,13 +272,13 @@ def test_estimate_above_the_forward_bound_is_flagged():
 @pytest.fixture(scope="module")
 def u1_beta0_samples() -> thermodynamics.FlowSamples:
     """Identity flow (= exact β = 0 sampler) on 4×4, with Σ cos P and the β = 0.3, 5 actions."""
-    torch.set_default_dtype(torch.float64)
-    flow = build_flow("u1", (4, 4), U1_ARCH)
+    flow = build_flow("u1", (4, 4), U1_ARCH).double()
     measurements = {**thermodynamics.observables_for("u1"),
                     "action[0.3]": U1Wilson(0.3), "action[5]": U1Wilson(5.0),
                     "sum_cos": lambda x: torch.cos(plaquette(x)).sum((1, 2))}
-    return thermodynamics.sample_flow(flow, U1Wilson(0.0), 8000, batch_size=1000,
-                                      generator=generator(11), measurements=measurements)
+    with one_thread():
+        return thermodynamics.sample_flow(flow, U1Wilson(0.0), 8000, batch_size=1000,
+                                          generator=generator(11), measurements=measurements)
 
 
 def test_reweighting_u1_to_small_beta_reproduces_exact_values(u1_beta0_samples):
@@ -350,7 +360,8 @@ def u1_run(tmp_path_factory) -> Path:
         "name": "u1_beta0", "action": {"theory": "u1", "beta": 0.0}, "lattice": [4, 4],
         "device": "cpu", "dtype": "float64", "flow": U1_ARCH,
         "training": {"steps": 0, "ess_batch": 16}})
-    open_trainer(recipe, run_dir).train()
+    with one_thread():
+        open_trainer(recipe, run_dir).train()
     return run_dir
 
 

@@ -36,7 +36,7 @@ def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tens
     """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``."""
     a = torch.exp(p.log_scale)
     half = 0.5 * u.unsqueeze(1)
-    branch = torch.where(half > 0.5 * torch.pi, torch.pi, 0.0)
+    branch = torch.pi * (half > 0.5 * torch.pi).to(half.dtype)
     g = 2 * (torch.atan(a * torch.tan(half)) + branch)
     cos_u = torch.cos(u).unsqueeze(1)
     a2 = a * a
