@@ -90,7 +90,7 @@ def test_gradient_matches_finite_differences(theory, name):
 def test_estimators_agree_in_expectation(theory, way):
     """Paired comparison on the same batches: E[g_standard − g_path] = 0 along fixed directions.
 
-    The difference is the score term, whose expectation vanishes; with 200 batches its mean is
+    The difference is the score term, whose expectation vanishes; with 100 batches its mean is
     compared with its standard error (|z| < 4 for each of 3 directions: a false alarm rate
     below 2e-4).
     """
@@ -99,7 +99,7 @@ def test_estimators_agree_in_expectation(theory, way):
     n_params = sum(p.numel() for p in flow.parameters())
     directions = torch.randn(n_params, 3)
     diffs = []
-    for _ in range(200):
+    for _ in range(100):
         batch = _batch(flow, f"{way}-standard", 8, target.flow)
         diffs.append((_gradient(flow, f"{way}-standard", target, batch)
                       - _gradient(flow, f"{way}-fastpath", target, batch)) @ directions)

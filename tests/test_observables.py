@@ -128,7 +128,7 @@ def test_scalar_observables_keep_dtype():
         observables.connected_correlator(phi),
         observables.susceptibility(phi),
         observables.zero_momentum_correlator(phi),
-        observables.correlation_length(torch.randn(4, 6, 5) + 3.0),
+        observables.correlation_length(phi + 3.0),
     ):
         assert out.dtype == torch.float32 and out.device == phi.device
     assert observables.zero_momentum_correlator(phi).shape == (6,)

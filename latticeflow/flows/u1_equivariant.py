@@ -44,8 +44,8 @@ class PlaquetteCoupling(MaskedCoupling):
         # P(x − 0̂) for μ = 1, i.e. one row lower along axis 0.
         lag = 0 if mu == 0 else 1
         n = lattice[nu]
-        rows = torch.arange(offset - lag, n, MASK_PERIOD) % n
-        link_rows = (torch.arange(n) - lag - (offset - lag)) % n // MASK_PERIOD
+        rows = (MASK_PERIOD * torch.arange(n // MASK_PERIOD) + offset - lag) % n
+        link_rows = (torch.arange(n) - offset) % n // MASK_PERIOD
         self.register_buffer("plaq_rows", rows, persistent=False)
         self.register_buffer("link_rows", link_rows, persistent=False)
         frozen = stripes(lattice, nu, offset + 1, MASK_PERIOD) | stripes(
