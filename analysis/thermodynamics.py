@@ -7,8 +7,9 @@ Haar-normalised) with a jackknife error, log Z / V, the free energy per site F/V
 the ESS, the reverse bound ELBO = E_q[log w] ≤ log Z and, given an ensemble of p (HMC), the
 forward bound log Z ≤ EUBO = E_p[−S − log q]; the exact value and the deviation in units of
 the error where it is known (free field, 2D U(1)). An estimate with too few effective samples
-is flagged as untrustworthy. --reweight moves expectation values (plaquette, Q², m², |m|) and
-log Z to a nearby parameter point with the same draws, refusing when the ESS collapses.
+(ESS · N < 100) or too heavy-tailed weights (Pareto k̂ > 0.7) is flagged as untrustworthy.
+--reweight moves expectation values (plaquette, Q², m², |m|) and log Z to a nearby parameter
+point with the same draws, refusing when the ESS collapses.
 
 An ensemble file as ENSEMBLE_OR_RUN needs --checkpoint: its rows are Markov-chain states, not
 independent draws from q, so log mean w over them would be biased. The flow's fresh draws give
@@ -30,7 +31,7 @@ import torch
 from latticeflow import analysis
 from latticeflow import script_support as ss
 from latticeflow import thermodynamics as thermo
-from latticeflow.ensemble import read_ensemble
+from latticeflow.ensemble import EnsembleReader, read_ensemble
 from latticeflow.errors import LatticeflowError
 from latticeflow.theories import Action, action_from_table
 from latticeflow.training import LoadedFlow, load_checkpoint
@@ -94,11 +95,13 @@ def _flow_and_ensemble(args: argparse.Namespace) -> tuple[LoadedFlow, Path | Non
             raise LatticeflowError(f"--checkpoint is for an ensemble input; {source} is "
                                    f"already a run directory or checkpoint")
         return load_checkpoint(source, args.device), Path(args.hmc) if args.hmc else None
+    with EnsembleReader(source) as reader:       # a readable ensemble, or a one-line error
+        sampler = reader.metadata.sampler
     if not args.checkpoint:
         raise LatticeflowError(
-            f"{source}: an ensemble's rows are Markov-chain states, not independent draws from "
-            f"the flow, so log mean w over them is biased; give --checkpoint RUN to draw fresh "
-            f"samples (the ensemble then gives the forward bound)")
+            f"{source}: the rows of this {sampler} ensemble are Markov-chain states, not "
+            f"independent draws from the flow, so log mean w over them is biased; give "
+            f"--checkpoint RUN to draw fresh samples (the ensemble then gives the forward bound)")
     if args.hmc:
         raise LatticeflowError(f"give the ensemble of p once: {source} already serves as the "
                                f"forward-bound ensemble, drop --hmc {args.hmc}")
@@ -223,6 +226,10 @@ def _per_site_row(name: str, value: float, error: float, volume: int, exact: flo
             "" if exact is None else f"{exact / volume:.6f}", dev]
 
 
+def _tail(pareto_k: float | None) -> str:
+    return "- (degenerate tail)" if pareto_k is None else f"{pareto_k:.2f}"
+
+
 def _header(record: dict[str, Any]) -> list[str]:
     lattice = "×".join(str(n) for n in record["lattice"])
     params = ", ".join(f"{k} {v:g}" for k, v in record["action"].items()
@@ -234,8 +241,8 @@ def _header(record: dict[str, Any]) -> list[str]:
         + (f", ESS in training {trained:.3f})" if trained is not None else ")"),
         f"theory      {record['theory']} ({params}) on {lattice}, V = {record['volume']}",
         f"samples     N = {record['n']} fresh flow draws (seed {record['seed']}); ESS "
-        f"{record['ess']:.4f} = {record['n_effective']:.0f} effective; jackknife "
-        f"{record['n_bins']} blocks",
+        f"{record['ess']:.4f} = {record['n_effective']:.0f} effective; Pareto k̂ "
+        f"{_tail(record['pareto_k'])}; jackknife {record['n_bins']} blocks",
     ]
     if record["ensemble"] is not None:
         chains = record["ensemble_chains"]

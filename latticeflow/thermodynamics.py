@@ -15,9 +15,12 @@ Conventions
   fraction of the error.
 * ``ess`` is the normalised ESS (Σw)²/(N Σw²) ∈ (0, 1] and ``n_effective = ess · N``. Heavy
   tails that the sample did *not* reach cannot show up in any sample error; the sample ESS then
-  overestimates the true one. A result with fewer than ``min_effective`` (default 100) effective
-  samples is flagged untrustworthy (:attr:`LogZResult.warnings`, :attr:`LogZResult.trusted`):
-  its value and error must not be quoted as a measurement.
+  overestimates the true one. Two diagnostics guard against that: the number of effective
+  samples, and the tail index k̂ of the largest weights (:func:`pareto_k`; w has a finite
+  variance only for k < 1/2). A result with fewer than ``min_effective`` (default 100) effective
+  samples or with k̂ > ``max_pareto_k`` (default 0.7) is flagged untrustworthy
+  (:attr:`LogZResult.warnings`, :attr:`LogZResult.trusted`): its value and error must not be
+  quoted as a measurement.
 * Bounds. KL(q‖p) ≥ 0 gives the reverse (ELBO) bound log Z ≥ E_q[log w]; KL(p‖q) ≥ 0 gives
   the forward (EUBO) bound log Z ≤ E_p[log w] = E_p[−S − log q], estimated with the flow's
   ``log_prob`` on configurations sampled from p (an HMC or neural-MCMC ensemble). The ELBO
@@ -65,6 +68,8 @@ from latticeflow.theories import Action, Phi4, Phi4Hopping, U1Wilson, action_fro
 DEFAULT_BINS = 100
 #: Fewer effective samples than this flag a log Z estimate as untrustworthy.
 MIN_EFFECTIVE = 100
+#: A Pareto tail index k̂ of the weights above this flags a log Z estimate as untrustworthy.
+MAX_PARETO_K = 0.7
 #: Reweighting is refused below this normalised ESS ...
 REWEIGHT_MIN_ESS = 0.01
 #: ... or below this many effective samples.
@@ -117,18 +122,18 @@ def sample_flow(flow: Flow, action: Action, n: int, *, batch_size: int = 1024,
         raise LatticeflowError(f"need n >= 1 and batch_size >= 1, got n = {n}, "
                                f"batch_size = {batch_size}")
     measurements = dict(measurements or {})
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in ("log_q", "action",
-                                                                  *measurements)}
+    log_q: list[np.ndarray] = []
+    s: list[np.ndarray] = []
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in measurements}
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            x, log_q = flow.sample(min(batch_size, n - start), generator=generator)
-            columns["log_q"].append(_numpy(log_q))
-            columns["action"].append(_numpy(action(x)))
+            x, log_q_x = flow.sample(min(batch_size, n - start), generator=generator)
+            log_q.append(_numpy(log_q_x))
+            s.append(_numpy(action(x)))
             for name, measure in measurements.items():
                 columns[name].append(_numpy(measure(x)))
-    joined = {name: np.concatenate(parts) for name, parts in columns.items()}
-    log_q, s = joined.pop("log_q"), joined.pop("action")
-    return FlowSamples(log_q=log_q, action=s, measurements=joined)
+    return FlowSamples(log_q=np.concatenate(log_q), action=np.concatenate(s),
+                       measurements={name: np.concatenate(c) for name, c in columns.items()})
 
 
 def log_weights_on(flow: Flow, action: Action, configs: ArrayLike | Tensor, *,
@@ -153,10 +158,12 @@ def log_weights_on(flow: Flow, action: Action, configs: ArrayLike | Tensor, *,
 
 def log_mean_exp(log_weight: ArrayLike, n_bins: int = DEFAULT_BINS) -> Estimate:
     """log((1/N) Σ w_i) from log weights ``(N,)``, with a jackknife error over ``n_bins`` blocks
-    (at most N; the last N mod n_bins draws go to no block's leave-out but count in the value).
+    of b = N // n_bins draws (n_bins at most N; the last N mod n_bins draws count in the value
+    but in no block).
 
     Everything is done in log space: block j's leave-out value is
-    logsumexp(blocks ≠ j) − log(N − size_j), from prefix and suffix log-add-exp accumulations.
+    logsumexp(blocks ≠ j) − log((n_bins − 1) b), from prefix and suffix log-add-exp
+    accumulations; error² = (n_bins − 1)/n_bins Σ_j (leave-out_j − their mean)².
     """
     lw = np.asarray(log_weight, dtype=float)
     if lw.ndim != 1 or lw.size < 2:
@@ -181,6 +188,47 @@ def reverse_bound(log_weight: ArrayLike) -> Estimate:
     """ELBO = E_q[log w] ≤ log Z from independent flow draws; error: standard error."""
     lw = np.asarray(log_weight, dtype=float)
     return Estimate(float(lw.mean()), float(lw.std(ddof=1) / math.sqrt(lw.size)))
+
+
+def pareto_k(log_weight: ArrayLike) -> float | None:
+    """Tail index k̂ of the largest importance weights (the PSIS diagnostic of Vehtari et al.,
+    arXiv:1507.02646): a generalized Pareto fit to the exceedances of the M = min(N/5, 3√N)
+    largest weights over the next one, by the profile-likelihood quadrature of Zhang & Stephens
+    (Technometrics 51 (2009) 316) with the weak prior of the PSIS reference code.
+
+    The weights have finite variance only for k < 1/2 and the estimate's error converges at the
+    usual rate only then; for k̂ > 0.7 the sample is too heavy-tailed for the mean to be
+    estimated reliably at practical N. None when there are fewer than 5 tail draws or the tail
+    is degenerate (a quarter of the tail draws tie with the threshold to round-off, e.g.
+    constant weights).
+    """
+    lw = np.sort(np.asarray(log_weight, dtype=float))
+    m = int(min(lw.size / 5, 3 * math.sqrt(lw.size)))
+    if m < 5:
+        return None
+    top = lw[-1]
+    x = np.sort(np.exp(lw[-m:] - top) - math.exp(lw[-m - 1] - top))   # largest weight: 1
+    if x[int(m / 4 + 0.5) - 1] <= _ROUND_OFF:
+        return None
+    return _generalized_pareto_shape(x)
+
+
+def _generalized_pareto_shape(x: np.ndarray) -> float:
+    """Shape ξ of a generalized Pareto fit to sorted exceedances ``x`` >= 0 (Zhang & Stephens).
+
+    With θ = −ξ/σ the likelihood maximised over ξ gives ξ(θ) = mean log(1 − θx) and the profile
+    log-likelihood n (log(−θ/ξ(θ)) − ξ(θ) − 1); θ̂ is its likelihood-weighted mean over a grid.
+    """
+    n = x.size
+    grid_size = 30 + int(math.sqrt(n))
+    quartile = x[int(n / 4 + 0.5) - 1]
+    theta = 1.0 / x[-1] + (1.0 - np.sqrt(grid_size / (np.arange(1, grid_size + 1) - 0.5))) / (
+        3.0 * quartile)
+    xi = np.log1p(-theta[:, None] * x).mean(axis=1)
+    profile = n * (np.log(-theta / xi) - xi - 1.0)
+    weights = np.exp(profile - logsumexp(profile))
+    xi_hat = float(np.log1p(-np.sum(weights * theta) * x).mean())
+    return (n * xi_hat + 10 * 0.5) / (n + 10)   # weak prior pulling ξ towards 1/2
 
 
 @dataclass(frozen=True)
@@ -223,7 +271,8 @@ class LogZResult:
 
     ``log_z`` ± ``log_z_error``: importance-sampling estimate (Lebesgue measure) and jackknife
     error; ``log_z_per_site`` = log Z / V; ``log_z_haar``: the Haar-normalised value (U(1) only);
-    ``ess`` (normalised) and ``n_effective = ess · n``; ``elbo`` ± ``elbo_error``: reverse
+    ``ess`` (normalised) and ``n_effective = ess · n``; ``pareto_k``: tail index k̂ of the
+    weights (:func:`pareto_k`); ``elbo`` ± ``elbo_error``: reverse
     bound; ``eubo`` ± ``eubo_error``: forward bound when an ensemble of p was given;
     ``warnings``: why the estimate should not be trusted (empty when it may be).
     """
@@ -234,6 +283,7 @@ class LogZResult:
     log_z_haar: float | None
     ess: float
     n_effective: float
+    pareto_k: float | None
     elbo: float
     elbo_error: float
     eubo: float | None
@@ -265,45 +315,58 @@ class LogZResult:
 
 def estimate_log_z(log_weight: ArrayLike, action: Action, lattice: Sequence[int], *,
                    forward: ForwardBound | None = None, n_bins: int = DEFAULT_BINS,
-                   min_effective: float = MIN_EFFECTIVE) -> LogZResult:
+                   min_effective: float = MIN_EFFECTIVE, max_pareto_k: float = MAX_PARETO_K
+                   ) -> LogZResult:
     """log Z, its error, ESS and bounds from log w = −S − log q of independent flow draws.
 
-    ``forward``: the forward bound from an ensemble of p (:func:`forward_bound`), included in
-    the result and used as a consistency check (log Ẑ above it by more than
-    ``BOUND_SIGMAS`` combined errors is flagged).
+    Flagged untrustworthy: fewer than ``min_effective`` effective samples, or a Pareto tail
+    index k̂ (:func:`pareto_k`) above ``max_pareto_k``. ``forward``: the forward bound from an
+    ensemble of p (:func:`forward_bound`), included in the result and used as a consistency
+    check (log Ẑ above it by more than ``BOUND_SIGMAS`` combined errors is flagged).
     """
     lw = np.asarray(log_weight, dtype=float)
     value, error = log_mean_exp(lw, n_bins)
     volume = math.prod(lattice)
-    sample_ess = ess(lw)
+    n_effective = ess(lw) * lw.size
+    tail_index = pareto_k(lw)
     elbo = reverse_bound(lw)
     offset = haar_offset(action, lattice)
-    notes = _trust_warnings(sample_ess * lw.size, min_effective, value, error, forward)
+    notes = (_tail_warnings(n_effective, tail_index, min_effective, max_pareto_k)
+             + _bound_warnings(value, error, forward))
     return LogZResult(
         log_z=value, log_z_error=error, log_z_per_site=value / volume,
-        log_z_haar=None if offset is None else value - offset, ess=sample_ess,
-        n_effective=sample_ess * lw.size, elbo=float(elbo.value), elbo_error=float(elbo.error),
-        eubo=None if forward is None else forward.value,
+        log_z_haar=None if offset is None else value - offset, ess=n_effective / lw.size,
+        n_effective=n_effective, pareto_k=tail_index, elbo=float(elbo.value),
+        elbo_error=float(elbo.error), eubo=None if forward is None else forward.value,
         eubo_error=None if forward is None else forward.error, n=lw.size, volume=volume,
-        n_bins=min(n_bins, lw.size), warnings=notes)
+        n_bins=min(n_bins, lw.size), warnings=tuple(notes))
 
 
-def _trust_warnings(n_effective: float, min_effective: float, value: float, error: float,
-                    forward: ForwardBound | None) -> tuple[str, ...]:
+def _tail_warnings(n_effective: float, tail_index: float | None, min_effective: float,
+                   max_pareto_k: float) -> list[str]:
     notes = []
     if n_effective < min_effective:
         notes.append(f"only {n_effective:.1f} effective samples (ESS · N < {min_effective:g}): "
                      f"the weights are dominated by a few draws, and the rare large weights "
                      f"that set log Z are probably unsampled; log Z and its error are not "
                      f"reliable (train the flow further or draw many more samples)")
-    if forward is not None:
-        notes.extend(forward.warnings)
-        excess = (value - forward.value) / math.hypot(error, forward.error)
-        if excess > BOUND_SIGMAS:
-            notes.append(f"log Z estimate exceeds the forward bound by {excess:.1f}σ: the "
-                         f"ensemble of p and the flow disagree (wrong or unthermalised "
-                         f"ensemble, or another action)")
-    return tuple(notes)
+    if tail_index is not None and tail_index > max_pareto_k:
+        notes.append(f"heavy-tailed weights: Pareto k̂ = {tail_index:.2f} > {max_pareto_k:g}; "
+                     f"the sample mean of w converges too slowly for log Z and its error to be "
+                     f"reliable (train the flow further)")
+    return notes
+
+
+def _bound_warnings(value: float, error: float, forward: ForwardBound | None) -> list[str]:
+    if forward is None:
+        return []
+    notes = list(forward.warnings)
+    excess = (value - forward.value) / math.hypot(error, forward.error)
+    if excess > BOUND_SIGMAS:
+        notes.append(f"log Z estimate exceeds the forward bound by {excess:.1f}σ: the ensemble "
+                     f"of p and the flow disagree (wrong or unthermalised ensemble, or another "
+                     f"action)")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +404,7 @@ def reweight(values: ArrayLike, log_weights: ArrayLike, *, min_ess: float = REWE
             f"reweighting to {target} refused: ESS = {result.ess:.3g} ({n_effective:.1f} "
             f"effective samples of {lw.size}) is below the threshold (ESS >= {min_ess:g} and "
             f">= {min_effective:g} effective samples); choose a target closer to the trained "
-            f"parameters or train a flow there")
+            f"parameters, draw more samples, or train a better flow (or one at the target)")
     return result
 
 
@@ -398,6 +461,7 @@ def exact_log_z(action: Action, lattice: Sequence[int]) -> float | None:
 
 
 __all__ = ["DEFAULT_BINS", "MIN_EFFECTIVE", "REWEIGHT_MIN_EFFECTIVE", "REWEIGHT_MIN_ESS",
-           "FlowSamples", "ForwardBound", "LogZResult", "Measurement", "estimate_log_z",
-           "exact_log_z", "forward_bound", "haar_offset", "log_mean_exp", "log_weights_on",
-           "observables_for", "reverse_bound", "reweight", "sample_flow", "shifted_action"]
+           "MAX_PARETO_K", "FlowSamples", "ForwardBound", "LogZResult", "Measurement",
+           "estimate_log_z", "exact_log_z", "forward_bound", "haar_offset", "log_mean_exp",
+           "log_weights_on", "observables_for", "pareto_k", "reverse_bound", "reweight",
+           "sample_flow", "shifted_action"]

@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from flow_helpers import FlowDensityAction, random_flow
+from scipy import stats
 
 from latticeflow import exact, thermodynamics
 from latticeflow.config import recipe_from_dict
@@ -27,7 +29,7 @@ from latticeflow.ensemble import EnsembleWriter
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow, build_flow
 from latticeflow.lattice import plaquette
-from latticeflow.statistics import jackknife
+from latticeflow.statistics import ess, jackknife
 from latticeflow.theories import Action, Phi4, Phi4Hopping, U1Wilson, action_from_table
 from latticeflow.training import load_checkpoint, open_trainer
 
@@ -126,7 +128,27 @@ def test_a_dominant_weight_dominates_the_error():
     wild = thermodynamics.log_mean_exp(lw)
     assert calm.error < 1e-12
     assert wild.error > 1.0
-    assert thermodynamics.ess(lw) * lw.size < 2.0
+    assert ess(lw) * lw.size < 2.0
+
+
+@pytest.mark.parametrize("k", [0.0, 0.4, 0.9])
+def test_pareto_k_recovers_the_tail_index(k):
+    """Generalized-Pareto weights with shape k (k = 0: exponential, a light tail)."""
+    rng = np.random.default_rng(4)
+    estimates = [thermodynamics.pareto_k(np.log(stats.genpareto.rvs(k, size=20000,
+                                                                    random_state=rng)))
+                 for _ in range(5)]
+    assert np.mean(estimates) == pytest.approx(k, abs=0.12)
+    assert thermodynamics.pareto_k(np.zeros(1000)) is None        # no tail at all
+    assert thermodynamics.pareto_k(np.arange(20.0)) is None       # too few draws
+
+
+def test_heavy_tailed_weights_are_flagged_despite_enough_effective_samples():
+    """Pareto weights with k = 0.9 (infinite variance): ESS · N looks fine, k̂ flags them."""
+    log_w = -0.9 * np.log(np.random.default_rng(8).uniform(size=20000))
+    result = thermodynamics.estimate_log_z(log_w, U1Wilson(1.0), (4, 4))
+    assert result.n_effective > 100 and result.pareto_k > 0.7
+    assert not result.trusted and "Pareto" in result.warnings[0]
 
 
 def test_log_mean_exp_rejects_unusable_input():
@@ -370,7 +392,10 @@ def uniform_links(tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("links")
     links = np.random.default_rng(5).uniform(0.0, 2 * np.pi, (400, 2, 4, 4))
     wide = np.random.default_rng(6).uniform(0.0, 2 * np.pi, (100, 2, 8, 4))
-    return {"hmc": write_ensemble(directory / "hmc.h5", U1Wilson(0.0), (4, 4), links, "hmc"),
+    with h5py.File(directory / "foreign.h5", "w") as f:
+        f["data"] = np.arange(4)
+    return {"foreign": directory / "foreign.h5",
+            "hmc": write_ensemble(directory / "hmc.h5", U1Wilson(0.0), (4, 4), links, "hmc"),
             "nmcmc": write_ensemble(directory / "nmcmc.h5", U1Wilson(0.0), (4, 4), links,
                                     "nmcmc"),
             "other lattice": write_ensemble(directory / "wide.h5", U1Wilson(0.0), (8, 4), wide,
@@ -413,6 +438,7 @@ def test_script_accepts_an_ensemble_with_checkpoint(u1_run, uniform_links, tmp_p
 
 @pytest.mark.parametrize(("case", "message"), [
     ("ensemble without checkpoint", "Markov-chain states"),
+    ("foreign hdf5", "not a latticeflow ensemble"),
     ("bad reweight", "expected NAME=VALUE"),
     ("unknown parameter", "its parameters are beta"),
     ("collapse", "refused"),
@@ -423,6 +449,7 @@ def test_script_accepts_an_ensemble_with_checkpoint(u1_run, uniform_links, tmp_p
 def test_script_rejects_bad_input_in_one_line(case, message, u1_run, uniform_links, capsys):
     argv = {
         "ensemble without checkpoint": [str(uniform_links["nmcmc"])],
+        "foreign hdf5": [str(uniform_links["foreign"])],
         "bad reweight": [str(u1_run), "--reweight", "beta"],
         "unknown parameter": [str(u1_run), "--reweight", "m2=1"],
         "collapse": [str(u1_run), "--n", "500", "--reweight", "beta=20"],
@@ -451,30 +478,47 @@ def test_script_help_has_example(capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def train(tmp_path: Path, card: dict, flow: dict, steps: int, lr: float) -> Flow:
+def train(tmp_path: Path, card: dict, flow: dict, steps: int) -> Flow:
     recipe = recipe_from_dict({
         "name": "thermo", "action": card, "lattice": [8, 8], "device": "cpu",
         "dtype": "float32", "seed": 1, "flow": flow,
-        "training": {"steps": steps, "batch_size": 128, "lr": lr, "schedule": "cosine",
+        "training": {"steps": steps, "batch_size": 128, "lr": 4e-3, "schedule": "cosine",
                      "ess_interval": 100, "ess_batch": 512, "checkpoint_interval": steps}})
     open_trainer(recipe, tmp_path).train()
     return load_checkpoint(tmp_path, "cpu").flow
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("card", "flow", "steps"), [
-    ({"theory": "u1", "beta": 2.0}, {"n_couplings": 8, "hidden": [8, 8]}, 500),
-    ({"theory": "phi4", "form": "standard", "m2": 1.0, "lam": 0.0},
-     {"n_couplings": 4, "hidden": [8]}, 500),
-], ids=["u1_beta2", "free_field"])
-def test_trained_flow_log_z_per_site_matches_exact(tmp_path, card, flow, steps):
-    torch.set_default_dtype(torch.float32)
-    trained = train(tmp_path, card, flow, steps, lr=3e-3)
+def test_trained_free_field_flow_log_z_per_site_matches_exact(tmp_path):
+    """RealNVP, 800 steps (~1 min): ESS ≈ 0.3; log Z / V agrees with the exact value."""
+    card = {"theory": "phi4", "form": "standard", "m2": 1.0, "lam": 0.0}
+    flow = train(tmp_path, card, {"n_couplings": 4, "hidden": [8]}, 800)
     action = action_from_table(card)
-    result = flow_log_z(trained, action, (8, 8), 20000, seed=7)
+    result = flow_log_z(flow, action, (8, 8), 20000, seed=7)
     exact_value = thermodynamics.exact_log_z(action, (8, 8))
-    print(f"{card}: log Z/V = {result.log_z_per_site:.6f} ± {result.log_z_per_site_error:.6f}"
-          f" exact {exact_value / 64:.6f}, ESS {result.ess:.3f}, ELBO/V {result.elbo / 64:.6f}")
+    print(f"\nfree field: log Z/V = {result.log_z_per_site:.6f} ± "
+          f"{result.log_z_per_site_error:.6f}, exact {exact_value / 64:.6f}, ESS {result.ess:.3f},"
+          f" k̂ {result.pareto_k:.2f}, ELBO/V {result.elbo / 64:.6f}")
     assert result.trusted, result.warnings
     assert abs(result.log_z - exact_value) <= 3 * result.log_z_error
-    assert result.elbo <= exact_value + 3 * result.elbo_error
+    assert result.elbo < exact_value
+
+
+@pytest.mark.slow
+def test_trained_u1_flow_log_z_per_site_is_never_confidently_wrong(tmp_path):
+    """U(1) β = 2, 16 couplings, 900 steps (~4-5 min on one core): brief training leaves
+    heavy-tailed weights (ESS ~ 0.2-1 %, k̂ ~ 0.7-0.9). From 100000 draws log Z / V is either
+    flagged or agrees with the exact value within 3 errors; the reverse bound holds."""
+    card = {"theory": "u1", "beta": 2.0}
+    flow = train(tmp_path, card, {"n_couplings": 16, "hidden": [8, 8]}, 900)
+    action = action_from_table(card)
+    result = flow_log_z(flow, action, (8, 8), 100000, seed=7)
+    exact_value = thermodynamics.exact_log_z(action, (8, 8))
+    pull = (result.log_z - exact_value) / result.log_z_error
+    print(f"\nU(1) β = 2: log Z/V = {result.log_z_per_site:.6f} ± "
+          f"{result.log_z_per_site_error:.6f}, exact {exact_value / 64:.6f} ({pull:+.2f}σ), "
+          f"ESS {result.ess:.4f}, k̂ {result.pareto_k:.2f}, ELBO/V {result.elbo / 64:.6f}, "
+          f"trusted {result.trusted}")
+    assert not result.trusted or abs(pull) <= 3.0
+    assert result.elbo < exact_value
+    assert exact_value - result.elbo < 0.1 * 64      # the flow did learn: KL(q‖p) < 0.1 / site

@@ -32,12 +32,13 @@ class ElementwiseUpdate:
     """The result of a coupling on a batch; all tensors have the shape of the field batch.
 
     ``y``: output field (y_F = x_F). ``log_deriv``: log ∂y_A/∂x_A on active components, zero on
-    frozen ones. ``dlog_deriv``: ∂(log ∂y_A/∂x_A)/∂x_A on active components, zero elsewhere.
+    frozen ones. ``dlog_deriv``: ∂(log ∂y_A/∂x_A)/∂x_A on active components, zero elsewhere;
+    only computed when asked for (``None`` otherwise, and for maps where it vanishes).
     """
 
     y: Tensor
     log_deriv: Tensor
-    dlog_deriv: Tensor
+    dlog_deriv: Tensor | None = None
 
 
 def _sum_sites(t: Tensor) -> Tensor:
@@ -60,8 +61,9 @@ class MaskedCoupling(nn.Module):
         """The conditioner output, a function of the frozen components of ``x`` only."""
         raise NotImplementedError
 
-    def transform(self, x: Tensor, cond: Any) -> ElementwiseUpdate:
-        """Apply the coupling given its conditioner output, differentiably in ``x`` and ``cond``."""
+    def transform(self, x: Tensor, cond: Any, need_dlog: bool = False) -> ElementwiseUpdate:
+        """Apply the coupling given its conditioner output, differentiably in ``x`` and ``cond``;
+        ``need_dlog`` asks for ``dlog_deriv`` (the fast path needs it, sampling does not)."""
         raise NotImplementedError
 
     def untransform(self, y: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
@@ -91,8 +93,10 @@ class MaskedCoupling(nn.Module):
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            u = self.transform(x, self.condition(x))
-            score_active = (score_x - u.dlog_deriv) * torch.exp(-u.log_deriv)
+            u = self.transform(x, self.condition(x), need_dlog=True)
+            if u.dlog_deriv is not None:
+                score_x = score_x - u.dlog_deriv
+            score_active = score_x * torch.exp(-u.log_deriv)
             score_active = torch.where(self.active, score_active, 0.0).detach()
             (vjp,) = torch.autograd.grad(
                 (u.y * score_active).sum() + u.log_deriv.sum(), x, retain_graph=True

@@ -34,9 +34,10 @@ class AffineCoupling(MaskedCoupling):
         s = self.scale_bound * torch.tanh(out[:, 0] / self.scale_bound)
         return torch.where(self.active, s, 0.0), torch.where(self.active, out[:, 1], 0.0)
 
-    def transform(self, x: Tensor, cond: tuple[Tensor, Tensor]) -> ElementwiseUpdate:
+    def transform(self, x: Tensor, cond: tuple[Tensor, Tensor], need_dlog: bool = False
+                  ) -> ElementwiseUpdate:
         s, t = cond
-        return ElementwiseUpdate(x * torch.exp(s) + t, s, torch.zeros_like(x))
+        return ElementwiseUpdate(x * torch.exp(s) + t, s)  # ∂s/∂x_A = 0: no dlog_deriv
 
     def untransform(self, y: Tensor, cond: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         s, t = cond

@@ -73,11 +73,13 @@ class PlaquetteCoupling(MaskedCoupling):
         both = torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
         return torch.where(self.active, both, 0.0)
 
-    def transform(self, x: Tensor, cond: NCPParams) -> ElementwiseUpdate:
+    def transform(self, x: Tensor, cond: NCPParams, need_dlog: bool = False
+                  ) -> ElementwiseUpdate:
         u = self._active_angles(x)
-        h, dh, d2h = ncp(u, cond)
+        h, dh, d2h = ncp(u, cond, need_second=need_dlog)
         y = torch.where(self.active, torch.remainder(x + self._to_links(h - u), TWO_PI), x)
-        return ElementwiseUpdate(y, self._to_links(torch.log(dh)), self._to_links(d2h / dh))
+        dlog = None if d2h is None else self._to_links(d2h / dh)
+        return ElementwiseUpdate(y, self._to_links(torch.log(dh)), dlog)
 
     def untransform(self, y: Tensor, cond: NCPParams) -> tuple[Tensor, Tensor]:
         u, target, dh = ncp_inverse(self._active_angles(y), cond)
