@@ -30,7 +30,8 @@ ACTIONS_DIR = Path(__file__).resolve().parents[1] / "actions"
 EXAMPLES = (
     "python analysis/estimator_study.py --quick --out runs/estimator_study_quick",
     "python analysis/estimator_study.py --out runs/estimator_study -v",
-    "python analysis/estimator_study.py --theories phi4 --seeds 5 --budget 120",
+    "python analysis/estimator_study.py --theories phi4 --seeds 5 --budget 120 "
+    "--forward-seeds 3 --forward-budget 60",
 )
 
 
@@ -41,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/estimator_study", metavar="DIR",
                         help="output directory (default runs/estimator_study)")
     parser.add_argument("--seeds", type=int, metavar="N",
-                        help=f"seeds 0..N-1 (default {study.StudyConfig().seeds}, quick "
-                             f"{study.QUICK.seeds})")
+                        help=f"reverse-KL seeds 0..N-1 (default {study.StudyConfig().seeds}, "
+                             f"quick {study.QUICK.seeds})")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help=f"reverse-KL training time per estimator and seed (default "
                              f"{study.ReverseConfig().budget_s:g}, quick "
                              f"{study.QUICK.reverse.budget_s:g})")
+    parser.add_argument("--forward-seeds", type=int, metavar="N",
+                        help=f"forward-KL seeds 0..N-1 (default {study.ForwardConfig().seeds}, "
+                             f"quick {study.QUICK.forward.seeds})")
     parser.add_argument("--forward-budget", type=float, metavar="SECONDS",
                         help=f"forward-KL training time per estimator, set and seed (default "
                              f"{study.ForwardConfig().budget_s:g}, quick "
@@ -59,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def study_config(args: argparse.Namespace) -> study.StudyConfig:
     """The configuration asked for; LatticeflowError for impossible values."""
-    if args.seeds is not None and args.seeds < 1:
-        raise LatticeflowError(f"--seeds must be >= 1, got {args.seeds}")
+    for option, count in (("--seeds", args.seeds), ("--forward-seeds", args.forward_seeds)):
+        if count is not None and count < 1:
+            raise LatticeflowError(f"{option} must be >= 1, got {count}")
     for option, value in (("--budget", args.budget), ("--forward-budget", args.forward_budget)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise LatticeflowError(f"{option} must be a positive number of seconds, got {value}")
@@ -70,6 +75,7 @@ def study_config(args: argparse.Namespace) -> study.StudyConfig:
                                f"{', '.join(study.THEORY_CARDS)}")
     base = study.QUICK if args.quick else study.StudyConfig()
     return study.with_budgets(base, seeds=args.seeds, budget_s=args.budget,
+                              forward_seeds=args.forward_seeds,
                               forward_budget_s=args.forward_budget)
 
 

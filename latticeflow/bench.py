@@ -1,19 +1,27 @@
-"""Benchmarks of training steps: seconds per step and memory, measured in one process.
+"""Benchmarks of training steps and sampling: seconds, memory and their scaling with L.
 
 Times are medians over repeats after warm-up; the estimators are interleaved within every
 repeat so that slow drifts of a shared machine affect them alike. Memory is the peak device
 allocation on CUDA; on the CPU it is the size of the tensors autograd saves for the backward pass
 (activation memory, deduplicated by storage), which is what grows with lattice and batch size.
+
+:func:`bench_scaling` repeats these measurements over lattice sizes L (L×L lattices) and batch
+sizes, adds neural-MCMC throughput per L, and :func:`fit_slope` fits the exponent a of
+cost per sample ∝ L^a on a log-log scale (a = 2 is cost proportional to the volume).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from latticeflow.estimators import ESTIMATORS, direction, get_estimator
 from latticeflow.flows import Flow, build_flow
@@ -28,6 +36,9 @@ BENCH_ACTIONS: dict[str, Action] = {"phi4": Phi4(-4.0, 8.0), "u1": U1Wilson(2.0)
 
 @dataclass
 class StepTiming:
+    """One estimator's training step on one setting: median seconds, ratio to the same
+    direction's standard estimator, and memory (see module docstring)."""
+
     theory: str
     lattice: int
     batch: int
@@ -35,6 +46,10 @@ class StepTiming:
     seconds: float
     ratio: float
     memory_bytes: int
+
+    @property
+    def seconds_per_sample(self) -> float:
+        return self.seconds / self.batch
 
 
 def perturbed_flow(theory: str, lattice: int, arch: dict, device, dtype, seed: int = 0) -> Flow:
@@ -135,6 +150,8 @@ def as_records(rows: list[StepTiming]) -> list[dict]:
 
 @dataclass
 class SamplingThroughput:
+    """Configurations per second of raw flow sampling and of the full neural-MCMC chain."""
+
     theory: str
     lattice: int
     batch: int
@@ -153,7 +170,6 @@ def bench_sampling(theory: str, lattice: int, batch: int, n: int, arch: dict, *,
     """Configurations per second: raw flow sampling (proposals, log q, S) versus the full
     neural-MCMC chain written to an HDF5 ensemble (accept/reject, gather, transfer, write)."""
     import tempfile
-    from pathlib import Path
 
     from latticeflow.ensemble import EnsembleWriter
     from latticeflow.samplers.chain import run_chain
@@ -183,3 +199,154 @@ def bench_sampling(theory: str, lattice: int, batch: int, n: int, arch: dict, *,
             run_chain(sampler, writer, (n // batch) * batch, batch, progress=False)
             written = (n // batch) * batch / (time.perf_counter() - start)
     return SamplingThroughput(theory, lattice, batch, (n // batch) * batch, raw, written)
+
+
+# ------------------------------------------------------------------------------------------
+# Scaling with the lattice size
+# ------------------------------------------------------------------------------------------
+
+#: Standard versus fast-path estimator in each direction.
+SCALING_ESTIMATORS = ("reverse-standard", "reverse-fastpath", "forward-standard",
+                      "forward-fastpath")
+
+
+@dataclass
+class ScalingResult:
+    """Training-step timings over (L, batch, estimator) and sampling throughput over L."""
+
+    steps: list[StepTiming] = field(default_factory=list)
+    sampling: list[SamplingThroughput] = field(default_factory=list)
+
+
+def bench_scaling(theory: str, lattices: Sequence[int], batches: Sequence[int], arch: dict, *,
+                  estimators: Sequence[str] = SCALING_ESTIMATORS, repeats: int = 3,
+                  warmup: int = 1, sampling_batch: int = 64, sampling_n: int = 256,
+                  device=None, dtype=torch.float32, progress=None) -> ScalingResult:
+    """:func:`bench_estimators` for every L and batch, and :func:`bench_sampling` (batches of
+    ``sampling_batch``, ``sampling_n`` configurations) for every L. ``progress(text)`` is called
+    before each measurement."""
+    result = ScalingResult()
+    for lattice in lattices:
+        for batch in batches:
+            if progress:
+                progress(f"{theory} L={lattice} B={batch}: training steps")
+            result.steps += bench_estimators(theory, lattice, batch, arch,
+                                             estimators=tuple(estimators), repeats=repeats,
+                                             warmup=warmup, device=device, dtype=dtype)
+        if sampling_n > 0:
+            if progress:
+                progress(f"{theory} L={lattice}: neural MCMC, {sampling_n} configurations")
+            result.sampling.append(bench_sampling(theory, lattice, sampling_batch, sampling_n,
+                                                  arch, device=device, dtype=dtype))
+    return result
+
+
+def fit_slope(lattices: Sequence[int], values: Sequence[float], low: int = 16,
+              high: int = 64) -> float:
+    """Least-squares slope of log(value) against log(L) over low <= L <= high (NaN with fewer
+    than two such points)."""
+    points = [(math.log(n), math.log(v)) for n, v in zip(lattices, values, strict=True)
+              if low <= n <= high and v > 0]
+    if len(points) < 2:
+        return math.nan
+    x, y = np.array(points).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _step_series(result: ScalingResult) -> dict[tuple[str, int], list[StepTiming]]:
+    series: dict[tuple[str, int], list[StepTiming]] = {}
+    for row in result.steps:
+        series.setdefault((row.estimator, row.batch), []).append(row)
+    return series
+
+
+def scaling_slopes(result: ScalingResult, low: int = 16, high: int = 64) -> dict[str, float]:
+    """Fitted exponents of cost per sample against L: ``"<estimator> B=<batch>"`` for training
+    steps (seconds per sample), ``"<estimator> B=<batch> memory"`` for memory per sample and
+    ``"nmcmc"`` for seconds per neural-MCMC configuration written."""
+    slopes = {}
+    for (name, batch), rows in _step_series(result).items():
+        lattices = [r.lattice for r in rows]
+        slopes[f"{name} B={batch}"] = fit_slope(lattices, [r.seconds_per_sample for r in rows],
+                                                low, high)
+        slopes[f"{name} B={batch} memory"] = fit_slope(
+            lattices, [r.memory_bytes / r.batch for r in rows], low, high)
+    if result.sampling:
+        slopes["nmcmc"] = fit_slope([s.lattice for s in result.sampling],
+                                    [1 / s.written_per_second for s in result.sampling],
+                                    low, high)
+    return slopes
+
+
+def format_scaling(result: ScalingResult, low: int = 16, high: int = 64) -> str:
+    """The scaling tables and the fitted exponents, as text."""
+    header = (f"{'theory':6} {'L':>3} {'B':>4} {'estimator':17} {'s/step':>9} "
+              f"{'ms/sample':>10} {'ratio':>6} {'MiB':>9} {'KiB/sample':>11}")
+    lines = ["training step (ratio: to the standard estimator of the same direction)", header,
+             "-" * len(header)]
+    for r in result.steps:
+        lines.append(f"{r.theory:6} {r.lattice:3d} {r.batch:4d} {r.estimator:17} "
+                     f"{r.seconds:9.4f} {1e3 * r.seconds_per_sample:10.3f} {r.ratio:6.2f} "
+                     f"{r.memory_bytes / 2**20:9.2f} {r.memory_bytes / r.batch / 2**10:11.1f}")
+    if result.sampling:
+        head = (f"{'theory':6} {'L':>3} {'B':>4} {'raw conf/s':>11} {'nMCMC conf/s':>13} "
+                f"{'ms/conf':>8}")
+        lines += ["", "neural MCMC (raw: flow samples + action; nMCMC: chain written to HDF5)",
+                  head, "-" * len(head)]
+        for s in result.sampling:
+            lines.append(f"{s.theory:6} {s.lattice:3d} {s.batch:4d} {s.raw_per_second:11.1f} "
+                         f"{s.written_per_second:13.1f} {1e3 / s.written_per_second:8.3f}")
+    slopes = scaling_slopes(result, low, high)
+    lines += ["", f"cost per sample ∝ L^a, a fitted over L = {low}..{high} "
+                  f"(a = 2: proportional to the volume L²):"]
+    width = max(len(k) for k in slopes) if slopes else 0
+    for key, value in slopes.items():
+        lines.append(f"  {key:{width}}  a = {value:5.2f}")
+    return "\n".join(lines)
+
+
+def plot_scaling(result: ScalingResult, path: str | Path, low: int = 16, high: int = 64
+                 ) -> None:
+    """Log-log PNG: seconds and memory per sample against L, with an L² reference line."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    time_ax, memory_ax = fig.subplots(1, 2)
+    for (name, batch), rows in _step_series(result).items():
+        lattices = [r.lattice for r in rows]
+        style = "-" if name.endswith("standard") else "--"
+        marker = "o" if name.startswith("reverse") else "s"
+        label = f"{name} B={batch}"
+        time_ax.plot(lattices, [r.seconds_per_sample for r in rows], style, marker=marker,
+                     label=label)
+        memory_ax.plot(lattices, [r.memory_bytes / r.batch for r in rows], style,
+                       marker=marker, label=label)
+    if result.sampling:
+        time_ax.plot([s.lattice for s in result.sampling],
+                     [1 / s.written_per_second for s in result.sampling], ":", color="black",
+                     marker="^", label="neural MCMC (per configuration)")
+    for ax, unit in ((time_ax, "seconds per sample"), (memory_ax, "bytes per sample")):
+        lines = [line for line in ax.get_lines() if len(line.get_xdata())]
+        if lines:
+            xs = np.array(sorted({x for line in lines for x in line.get_xdata()}), dtype=float)
+            ys = np.concatenate([line.get_ydata() for line in lines])
+            anchor = float(np.exp(np.log(ys[ys > 0]).mean()))
+            centre = float(np.exp(np.log(xs).mean()))
+            ax.plot(xs, anchor * (xs / centre) ** 2, color="grey", lw=3, alpha=0.4,
+                    label="∝ L² (reference)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(int(x)) for x in xs])
+        ax.set_yscale("log")
+        ax.set_xlabel("L (lattice L×L)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, which="both")
+    time_ax.legend(fontsize=7)
+    theory = result.steps[0].theory if result.steps else ""
+    fig.suptitle(f"{theory}: cost per sample against lattice size (slopes fitted over "
+                 f"L = {low}..{high} in the text output)")
+    fig.savefig(path, dpi=110)
+
+
+def scaling_records(result: ScalingResult, low: int = 16, high: int = 64) -> dict:
+    """JSON-ready numbers: steps, sampling and the fitted slopes."""
+    return {"steps": as_records(result.steps),
+            "sampling": [{**asdict(s), "overhead": s.overhead} for s in result.sampling],
+            "fit_range": [low, high], "slopes": scaling_slopes(result, low, high)}

@@ -119,14 +119,17 @@ def theory_setup(name: str, actions_dir: str | Path, lattice: tuple[int, ...] = 
 
 @dataclass(frozen=True)
 class ReverseConfig:
-    """Reverse-KL race: ``budget_s`` seconds of training per estimator and seed."""
+    """Reverse-KL race: ``budget_s`` seconds of training per estimator and seed, interleaved in
+    ``n_slices`` slices; gradient variance after every ``variance_every``-th slice, ESS after
+    every ``ess_every``-th and with each variance measurement (both at the start and the end)."""
 
-    budget_s: float = 60.0
-    n_slices: int = 12
+    budget_s: float = 50.0
+    n_slices: int = 24
     batch_size: int = 64
     lr: float = 1e-3
     ess_batch: int = 2048
-    variance_every: int = 2
+    ess_every: int = 3
+    variance_every: int = 6
     variance_batches: int = 8
     estimators: tuple[str, ...] = REVERSE_ESTIMATORS
 
@@ -137,7 +140,7 @@ class HMCSettings:
 
     n_chains: int = 100
     n_therm: int = 200
-    save_every: int = 5
+    save_every: int = 10
     trajectory_length: float = 1.0
     target_accept: float = 0.8
 
@@ -149,12 +152,15 @@ class HMCSettings:
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """Forward-KL training on fixed HMC sets of the sizes ``train_sizes``."""
+    """Forward-KL training on fixed HMC sets of the sizes ``train_sizes`` (seeds 0 … seeds − 1),
+    interleaved in ``n_slices`` slices, measured after every ``eval_every``-th slice."""
 
+    seeds: int = 2
     train_sizes: tuple[int, ...] = (1000, 10000)
     held_out: int = 2000
-    budget_s: float = 20.0
-    n_slices: int = 8
+    budget_s: float = 15.0
+    n_slices: int = 12
+    eval_every: int = 2
     batch_size: int = 64
     lr: float = 1e-3
     ess_batch: int = 2048
@@ -164,7 +170,7 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Everything that defines a study run (seeds 0 … seeds − 1)."""
+    """Everything that defines a study run (reverse KL: seeds 0 … seeds − 1)."""
 
     seeds: int = 3
     reverse: ReverseConfig = field(default_factory=ReverseConfig)
@@ -175,10 +181,10 @@ class StudyConfig:
 #: ``--quick``: tiny budgets and batches, for smoke tests (about a minute or two in all)
 QUICK = StudyConfig(
     seeds=2,
-    reverse=ReverseConfig(budget_s=4.0, n_slices=4, batch_size=32, ess_batch=256,
-                          variance_batches=4),
-    forward=ForwardConfig(train_sizes=(100, 400), held_out=200, budget_s=2.0, n_slices=2,
-                          batch_size=32, ess_batch=256,
+    reverse=ReverseConfig(budget_s=4.0, n_slices=4, batch_size=32, ess_batch=256, ess_every=2,
+                          variance_every=4, variance_batches=3),
+    forward=ForwardConfig(seeds=2, train_sizes=(100, 400), held_out=200, budget_s=2.0,
+                          n_slices=2, eval_every=2, batch_size=32, ess_batch=256,
                           hmc=HMCSettings(n_chains=20, n_therm=50, save_every=2)),
 )
 
@@ -249,7 +255,8 @@ class RunRecord:
 
     ``train_time``/``cpu_time``: seconds spent in training steps (wall clock / process CPU);
     ``step_time_median``: median wall seconds of one step. Reverse runs fill ``ess`` and the
-    ``variance_*`` lists (measured at ``variance_steps``); forward runs fill ``ess``,
+    ``variance_*`` / ``mean_norm2_*`` lists of the :data:`VARIANCE_PROBES` (measured at
+    ``variance_steps``, see :class:`GradientVariance`); forward runs fill ``ess``,
     ``forward_ess``, ``kl_train`` and ``kl_held_out`` (KL(p‖q) + log Z estimates).
     """
 
@@ -259,8 +266,10 @@ class RunRecord:
     times: list[float] = field(default_factory=list)
     ess: list[float] = field(default_factory=list)
     variance_steps: list[int] = field(default_factory=list)
-    variance: dict[str, list[float]] = field(default_factory=dict)
-    mean_norm2: dict[str, list[float]] = field(default_factory=dict)
+    variance_standard: list[float] = field(default_factory=list)
+    variance_path: list[float] = field(default_factory=list)
+    mean_norm2_standard: list[float] = field(default_factory=list)
+    mean_norm2_path: list[float] = field(default_factory=list)
     forward_ess: list[float] = field(default_factory=list)
     kl_train: list[float] = field(default_factory=list)
     kl_held_out: list[float] = field(default_factory=list)
@@ -268,6 +277,11 @@ class RunRecord:
     cpu_time: float = 0.0
     step_time_median: float = math.nan
     skipped_steps: int = 0
+
+    def append(self, values: dict[str, float]) -> None:
+        """Append each measured value to the list of the same name."""
+        for name, value in values.items():
+            getattr(self, name).append(value)
 
 
 class _Runner:
@@ -311,19 +325,49 @@ class _Runner:
             self._step_times.append(wall)
         self.record.step_time_median = float(np.median(self._step_times or [math.nan]))
 
-    def mark(self) -> None:
-        """Start a measurement: record the step and training time it belongs to."""
-        self.record.steps.append(self.step)
-        self.record.times.append(self.record.train_time)
 
 
-def _measure_variance(runner: _Runner, batches: Sequence[Tensor]) -> None:
-    record = runner.record
-    record.variance_steps.append(runner.step)
-    for label, estimator in VARIANCE_PROBES.items():
-        result = gradient_variance(runner.flow, runner.action, estimator, batches)
-        record.variance.setdefault(label, []).append(result.variance)
-        record.mean_norm2.setdefault(label, []).append(result.mean_norm2)
+Measure = Callable[[Flow], dict[str, float]]
+
+
+def _due(k: int, every: int, n_slices: int) -> bool:
+    """Whether slice ``k`` (0: before training) ends with a measurement."""
+    return k % every == 0 or k == n_slices
+
+
+def _measure_all(runners: list[_Runner], measure: Measure, at_start: bool) -> None:
+    """Record the step, training time and ``measure(flow)`` of every run. At the start all runs
+    hold copies of the same flow, so the first run's values are recorded for all."""
+    values = measure(runners[0].flow) if at_start else None
+    for runner in runners:
+        record = runner.record
+        record.steps.append(runner.step)
+        record.times.append(record.train_time)
+        record.append(values if values is not None else measure(runner.flow))
+
+
+def _reverse_measure(action: Action, z_ess: Tensor, batches: list[Tensor] | None) -> Measure:
+    """ESS/N on ``z_ess`` and, given ``batches``, the gradient variance of each probe."""
+    def measure(flow: Flow) -> dict[str, float]:
+        values = {"ess": ess(log_weights_of_samples(flow, action, z_ess))}
+        if batches:
+            for label, estimator in VARIANCE_PROBES.items():
+                result = gradient_variance(flow, action, estimator, batches)
+                values[f"variance_{label}"] = result.variance
+                values[f"mean_norm2_{label}"] = result.mean_norm2
+        return values
+    return measure
+
+
+def _forward_measure(action: Action, z_ess: Tensor, held_out: Tensor, train_eval: Tensor
+                     ) -> Measure:
+    """Reverse ESS/N on ``z_ess``; forward ESS and KL + log Z on held-out and training data."""
+    def measure(flow: Flow) -> dict[str, float]:
+        held = log_weights_of_data(flow, action, held_out)
+        return {"ess": ess(log_weights_of_samples(flow, action, z_ess)),
+                "forward_ess": forward_ess(held), "kl_held_out": float(held.mean()),
+                "kl_train": float(log_weights_of_data(flow, action, train_eval).mean())}
+    return measure
 
 
 # ------------------------------------------------------------------------------ reverse KL
@@ -335,18 +379,19 @@ def reverse_runs(setup: TheorySetup, seed: int, config: ReverseConfig, dtype: to
                        setup.grad_clip, config.batch_size) for name in config.estimators]
     z_ess = initial.sample_prior(config.ess_batch, generator=_generator(seed, _ESS))
     for k in range(config.n_slices + 1):
+        for runner in runners:
+            runner.train_until(config.budget_s * k / config.n_slices)
+        variance_due = _due(k, config.variance_every, config.n_slices)
+        if not (variance_due or _due(k, config.ess_every, config.n_slices)):
+            continue
         batches = None
-        if k % config.variance_every == 0 or k == config.n_slices:
+        if variance_due:
             generator = _generator(seed, _VARIANCE, k)
             batches = [initial.sample_prior(config.batch_size, generator=generator)
                        for _ in range(config.variance_batches)]
-        for runner in runners:
-            runner.train_until(config.budget_s * k / config.n_slices)
-            runner.mark()
-            runner.record.ess.append(ess(log_weights_of_samples(runner.flow, setup.action,
-                                                                z_ess)))
-            if batches is not None:
-                _measure_variance(runner, batches)
+            for runner in runners:
+                runner.record.variance_steps.append(runner.step)
+        _measure_all(runners, _reverse_measure(setup.action, z_ess, batches), k == 0)
         log.info("%s seed %d slice %d/%d: ESS %s", setup.name, seed, k, config.n_slices,
                  "  ".join(f"{r.estimator} {r.record.ess[-1]:.3f} ({r.step} steps)"
                            for r in runners))
@@ -401,21 +446,17 @@ def forward_runs(setup: TheorySetup, seed: int, data: HMCData, n_train: int,
                        setup.grad_clip, config.batch_size, train)
                for name in config.estimators]
     z_ess = initial.sample_prior(config.ess_batch, generator=_generator(seed, _ESS))
+    measure = _forward_measure(setup.action, z_ess, data.held_out, train_eval)
     for k in range(config.n_slices + 1):
         for runner in runners:
             runner.train_until(config.budget_s * k / config.n_slices)
-            runner.mark()
-            record, flow = runner.record, runner.flow
-            record.ess.append(ess(log_weights_of_samples(flow, setup.action, z_ess)))
-            held = log_weights_of_data(flow, setup.action, data.held_out)
-            record.forward_ess.append(forward_ess(held))
-            record.kl_held_out.append(float(held.mean()))
-            record.kl_train.append(float(log_weights_of_data(flow, setup.action,
-                                                             train_eval).mean()))
-        log.info("%s N=%d seed %d slice %d/%d: %s", setup.name, n_train, seed, k,
-                 config.n_slices, "  ".join(
-                     f"{r.estimator} KL+logZ train {r.record.kl_train[-1]:.2f} held-out "
-                     f"{r.record.kl_held_out[-1]:.2f}" for r in runners))
+        if _due(k, config.eval_every, config.n_slices):
+            _measure_all(runners, measure, k == 0)
+            log.info(
+                "%s N=%d seed %d slice %d/%d: %s", setup.name, n_train, seed, k,
+                config.n_slices, "  ".join(
+                    f"{r.estimator} KL+logZ train {r.record.kl_train[-1]:.2f} held-out "
+                    f"{r.record.kl_held_out[-1]:.2f}" for r in runners))
     return [runner.record for runner in runners]
 
 
@@ -463,7 +504,7 @@ def run_study(config: StudyConfig, setups: dict[str, TheorySetup],
         result.forward[name] = {}
         for n_train in fwd.train_sizes:
             records: list[RunRecord] = []
-            for seed in range(config.seeds):
+            for seed in range(fwd.seeds):
                 progress(f"forward KL: {name}, N = {n_train}, seed {seed}")
                 records += forward_runs(setup, seed, data, n_train, fwd, dtype)
             result.forward[name][n_train] = _group(records)
@@ -506,7 +547,8 @@ def reverse_summary(result: StudyResult) -> list[dict[str, Any]]:
                 "ess_final": _spread([r.ess[-1] for r in records]),
                 "ess_half_budget": _spread([_at_time(r, r.ess, half) for r in records]),
                 "ess_best": _spread([max(r.ess) for r in records]),
-                **{f"variance_{label}_final": _spread([r.variance[label][-1] for r in records])
+                **{f"variance_{label}_final": _spread([getattr(r, f"variance_{label}")[-1]
+                                                       for r in records])
                    for label in VARIANCE_PROBES},
             })
     return rows
@@ -582,17 +624,19 @@ def markdown_report(result: StudyResult, figures: Sequence[Path]) -> str:
     return "\n".join([
         "# Estimator study", "",
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"{platform.processor() or platform.machine()}; {cfg.dtype}; seeds 0–{cfg.seeds - 1}; "
-        f"total runtime {result.runtime_s:.0f} s.", "", setups, "",
+        f"{platform.processor() or platform.machine()}; {cfg.dtype}; total runtime "
+        f"{result.runtime_s:.0f} s.", "", setups, "",
         "## Reverse KL (equal wall-clock budgets, round-robin)", "",
-        f"Budget {rev.budget_s:g} s of training per estimator and seed in {rev.n_slices} "
-        f"slices; batch {rev.batch_size}, Adam lr {rev.lr:g} (constant); ESS/N on a fixed "
-        f"batch of {rev.ess_batch} samples; Var[g] over {rev.variance_batches} independent "
-        f"batches at the run's final parameters (path = drop-in = fast path gradient). "
-        f"Values: mean ± sample std [min, max] over seeds.", "",
+        f"Budget {rev.budget_s:g} s of training per estimator and seed ({cfg.seeds} seeds), "
+        f"interleaved in {rev.n_slices} slices; batch {rev.batch_size}, Adam lr {rev.lr:g} "
+        f"(constant); ESS/N on a fixed batch of {rev.ess_batch} samples; Var[g] over "
+        f"{rev.variance_batches} independent batches at the run's final parameters "
+        f"(path = drop-in = fast path gradient). Values: mean ± sample std [min, max] over "
+        f"seeds.", "",
         reverse_table(reverse_summary(result)), "",
         "## Forward KL (fixed HMC sets)", "",
-        f"Budget {fwd.budget_s:g} s per estimator, set and seed in {fwd.n_slices} slices; "
+        f"Budget {fwd.budget_s:g} s per estimator, set and seed ({fwd.seeds} seeds), "
+        f"interleaved in {fwd.n_slices} slices; "
         f"batch {fwd.batch_size} drawn with replacement, Adam lr {fwd.lr:g}; held-out set "
         f"{fwd.held_out} configurations; KL+logZ = E_p[log w], log w = −S − log q, on the "
         f"held-out set and on the first {fwd.held_out} training configurations (a training "
@@ -605,10 +649,11 @@ def markdown_report(result: StudyResult, figures: Sequence[Path]) -> str:
 
 
 # ------------------------------------------------------------------------------ figures
-def _band(ax: Axes, x: np.ndarray, ys: np.ndarray, color: str, label: str,
+def _band(ax: Axes, x: np.ndarray, ys: np.ndarray, color: str, label: str | None,
           linestyle: str = "-") -> None:
-    """Mean over seeds (rows of ``ys``) as a line, min–max as a shaded band."""
-    ax.plot(x, ys.mean(0), color=color, linestyle=linestyle, label=label, lw=1.6)
+    """Mean over seeds (rows of ``ys``) as a line with a dot at its end, min–max as a band."""
+    ax.plot(x, ys.mean(0), color=color, linestyle=linestyle, label=label, lw=1.6, marker="o",
+            ms=3.5, markevery=[len(x) - 1])
     if len(ys) > 1:
         ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.15, lw=0)
 
@@ -617,54 +662,62 @@ def _on_grid(records: list[RunRecord], x_of: Callable[[RunRecord], Sequence[floa
              y_of: Callable[[RunRecord], Sequence[float]], n: int = 60
              ) -> tuple[np.ndarray, np.ndarray]:
     """Curves of several seeds interpolated onto a common grid (where all are defined)."""
-    grid = np.linspace(max(x_of(r)[0] for r in records), min(x_of(r)[-1] for r in records), n)
+    start = max(x_of(r)[0] for r in records)
+    grid = np.linspace(start, max(start, min(x_of(r)[-1] for r in records)), n)
     return grid, np.array([np.interp(grid, x_of(r), y_of(r)) for r in records])
 
 
-def _figure(n_panels: int, height: float = 3.6) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=(5.2 * n_panels, height), layout="constrained")
-    return fig, list(np.atleast_1d(fig.subplots(1, n_panels)))
+def _figure(n_rows: int, n_cols: int, height: float = 3.6) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(5.4 * n_cols, height * n_rows), layout="constrained")
+    return fig, np.array(fig.subplots(n_rows, n_cols, squeeze=False))
 
 
 def _title(setup: TheorySetup) -> str:
-    return f"{setup.action!r}, {'x'.join(map(str, setup.lattice))}"
+    params = ", ".join(f"{k} = {v:g}" for k, v in setup.action.params().items()
+                       if isinstance(v, int | float))
+    return f"{setup.name} ({params}), {'x'.join(map(str, setup.lattice))}"
 
 
 def plot_reverse_ess(result: StudyResult, path: Path, against: str) -> Path:
-    """ESS/N against training wall time (``against="time"``) or step."""
-    fig, axes = _figure(len(result.reverse))
+    """ESS/N (log scale) against training wall time (``against="time"``) or step."""
+    fig, axes = _figure(1, len(result.reverse))
     x_of = (lambda r: r.times) if against == "time" else (lambda r: r.steps)
-    for ax, (theory, grouped) in zip(axes, result.reverse.items(), strict=True):
+    for ax, (theory, grouped) in zip(axes[0], result.reverse.items(), strict=True):
         for estimator, records in grouped.items():
             grid, ys = _on_grid(records, x_of, lambda r: r.ess)
             _band(ax, grid, ys, _COLORS[estimator], estimator)
-        ax.set(title=_title(result.setups[theory]), ylabel="ESS / N", ylim=(0, 1.02),
+        ax.set_yscale("log")
+        ax.set(title=_title(result.setups[theory]), ylabel="ESS / N (fixed batch)",
+               ylim=(None, 1.0),
                xlabel="training wall time [s]" if against == "time" else "training step")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"Reverse KL: ESS (mean and min–max over {result.config.seeds} seeds)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Reverse KL: ESS/N, mean and min–max over {result.config.seeds} seeds")
     fig.savefig(path, dpi=_DPI)
     return path
 
 
 def plot_gradient_variance(result: StudyResult, path: Path) -> Path:
     """Var[g] of the standard (dashed) and path (solid) estimators along each run."""
-    fig, axes = _figure(len(result.reverse), height=4.0)
-    styles = {"path": "-", "standard": "--"}
-    for ax, (theory, grouped) in zip(axes, result.reverse.items(), strict=True):
+    fig, axes = _figure(1, len(result.reverse), height=4.0)
+    styles = {"standard": "--", "path": "-"}
+    for ax, (theory, grouped) in zip(axes[0], result.reverse.items(), strict=True):
         for estimator, records in grouped.items():
             for label, style in styles.items():
                 grid, ys = _on_grid(records, lambda r: r.variance_steps,
-                                    lambda r, k=label: np.log10(r.variance[k]))
+                                    lambda r, k=label: np.log10(getattr(r, f"variance_{k}")))
                 _band(ax, grid, ys, _COLORS[estimator],
-                      f"{label} gradient along {estimator} run", style)
+                      f"{estimator} run" if label == "path" else None, style)
+        ax.plot([], [], "k--", label="standard gradient")
+        ax.plot([], [], "k-", label="path gradient")
         ax.set(title=_title(result.setups[theory]), xlabel="training step",
-               ylabel="log10 Var[g] (total, per batch)")
+               ylabel="log10 Var[g] (trace, one batch)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"Gradient variance at the run's parameters over "
-                 f"{result.config.reverse.variance_batches} batches of "
-                 f"{result.config.reverse.batch_size} (dashed: standard, solid: path)")
+        ax.legend(loc="lower left", fontsize=7)
+    rev = result.config.reverse
+    fig.suptitle(f"Gradient variance at each run's parameters over {rev.variance_batches} "
+                 f"batches of {rev.batch_size}; mean and min–max over {result.config.seeds} "
+                 f"seeds")
     fig.savefig(path, dpi=_DPI)
     return path
 
@@ -672,23 +725,20 @@ def plot_gradient_variance(result: StudyResult, path: Path) -> Path:
 def plot_forward_kl(result: StudyResult, path: Path) -> Path:
     """KL(p‖q) + log Z on training (dashed) and held-out (solid) data against step."""
     sizes = result.config.forward.train_sizes
-    theories = list(result.forward)
-    fig = Figure(figsize=(5.2 * len(sizes), 3.6 * len(theories)), layout="constrained")
-    axes = np.array(fig.subplots(len(theories), len(sizes), squeeze=False))
-    for row, theory in enumerate(theories):
-        for col, n_train in enumerate(sizes):
-            ax = axes[row, col]
-            for estimator, records in result.forward[theory][n_train].items():
+    fig, axes = _figure(len(result.forward), len(sizes))
+    for row, (theory, by_size) in zip(axes, result.forward.items(), strict=True):
+        for ax, n_train in zip(row, sizes, strict=True):
+            for estimator, records in by_size[n_train].items():
                 for label, style, y_of in (("held-out", "-", lambda r: r.kl_held_out[1:]),
                                            ("train", "--", lambda r: r.kl_train[1:])):
                     grid, ys = _on_grid(records, lambda r: r.steps[1:], y_of)
-                    _band(ax, grid, ys, _COLORS[estimator], f"{estimator} {label}", style)
+                    _band(ax, grid, ys, _COLORS[estimator], f"{estimator}, {label}", style)
             ax.set(title=f"{_title(result.setups[theory])}, N train = {n_train}",
-                   xlabel="training step", ylabel="KL(p‖q) + log Z")
+                   xlabel="training step", ylabel="KL(p‖q) + log Z  (E_p[log w])")
             ax.grid(alpha=0.3)
             ax.legend(loc="upper right", fontsize=7)
-    fig.suptitle("Forward KL on training (dashed) and held-out (solid) HMC data "
-                 "(from the first measurement after step 0)")
+    fig.suptitle(f"Forward KL on training (dashed) and held-out (solid) HMC data, after the "
+                 f"first measurement; mean and min–max over {result.config.forward.seeds} seeds")
     fig.savefig(path, dpi=_DPI)
     return path
 
@@ -728,16 +778,18 @@ def write_outputs(result: StudyResult, out: Path) -> list[Path]:
 
 
 def with_budgets(config: StudyConfig, *, seeds: int | None = None,
-                 budget_s: float | None = None, forward_budget_s: float | None = None
-                 ) -> StudyConfig:
+                 budget_s: float | None = None, forward_seeds: int | None = None,
+                 forward_budget_s: float | None = None) -> StudyConfig:
     """``config`` with the given seeds / budgets replaced (None: keep)."""
-    if seeds is not None:
-        config = replace(config, seeds=seeds)
+    reverse, forward = config.reverse, config.forward
     if budget_s is not None:
-        config = replace(config, reverse=replace(config.reverse, budget_s=budget_s))
+        reverse = replace(reverse, budget_s=budget_s)
+    if forward_seeds is not None:
+        forward = replace(forward, seeds=forward_seeds)
     if forward_budget_s is not None:
-        config = replace(config, forward=replace(config.forward, budget_s=forward_budget_s))
-    return config
+        forward = replace(forward, budget_s=forward_budget_s)
+    return replace(config, seeds=config.seeds if seeds is None else seeds, reverse=reverse,
+                   forward=forward)
 
 
 __all__ = ["FORWARD_ESTIMATORS", "QUICK", "REVERSE_ESTIMATORS", "ForwardConfig",

@@ -30,6 +30,32 @@ Conventions
   the same device and dtype); ``metrics.csv`` is cut back to the checkpoint's step and continued.
 * Ctrl-C (SIGINT, main thread) finishes the current step, writes a checkpoint of it and re-raises
   KeyboardInterrupt; a second Ctrl-C interrupts at once (the previous checkpoint stays intact).
+* Precision: float32 convolutions and matmuls run in full IEEE precision unless the trainer is
+  built with ``tf32=True`` (``latticeflow train --tf32``); see :func:`tf32_mode`.
+
+Data-parallel training (``torchrun --nproc_per_node=K -m latticeflow.cli train RECIPE``)
+--------------------------------------------------------------------------------------------
+With a :class:`~latticeflow.distributed.DistributedContext` the loss module (flow + estimator,
+:class:`TrainingLoss`) is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, so the
+gradient of every step is the average over the K ranks. ``training.batch_size`` is the batch
+*per rank*: the step's gradient is that of one batch of K·batch_size samples (each rank's
+surrogate is a mean over its own batch). Every rank draws its batch from its own generator:
+rank 0 uses the single-process training stream, rank r ≥ 1 one seeded from (seed, r).
+Weights are initialised identically on every rank (and DDP broadcasts rank 0's anyway).
+The reported loss and ``logw_std`` are those of the global batch (one all-gather per step, which
+also makes every rank take the same decision on skipping a non-finite step and on Ctrl-C).
+Rank 0 alone writes the checkpoint (it holds every rank's generator state and ``world_size``),
+metrics and plot, shows the progress bar and measures the ESS (on ``ess_batch`` samples, while
+the other ranks wait at the next gradient reduction). A run resumes with the same number of
+processes only; all ranks read the checkpoint, so multi-node runs need a shared run directory.
+
+The fast-path estimators call ``torch.autograd.grad`` on intermediate tensors during the forward
+pass (one input-only VJP per layer). That does not disturb DDP: those calls ask for gradients
+with respect to layer inputs only, so autograd never reaches the parameters' gradient
+accumulators, where DDP's reduction hooks sit; the hooks fire only in the final ``backward``.
+Every parameter receives a gradient in every estimator, so ``find_unused_parameters=False``
+(tested against a single-process step on the concatenated batch in
+``tests/test_distributed.py``).
 
 Checkpoint (a dict of tensors, numbers, strings, lists and dicts: loadable with
 ``torch.load(weights_only=True)``): ``format = "latticeflow-checkpoint"``, ``format_version = 1``,
@@ -38,7 +64,9 @@ Checkpoint (a dict of tensors, numbers, strings, lists and dicts: loadable with
 (state_dict; lattice independent), ``optimizer``, ``scheduler``, ``step``, ``rng`` (``train``:
 training generator state, ``torch``: global CPU generator, ``cuda``: current CUDA generator when
 trained on CUDA), ``ess`` (last measured ESS or None), ``ess_step``, ``skipped_steps``,
-``wall_time`` (seconds of training so far).
+``wall_time`` (seconds of training so far), ``world_size`` (number of data-parallel processes;
+absent in older checkpoints: 1); with ``world_size > 1``, ``rng["train_ranks"]`` holds every
+rank's training generator state.
 """
 
 from __future__ import annotations
@@ -53,6 +81,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +90,15 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import latticeflow
 from latticeflow.config import Recipe, TrainingConfig, recipe_from_dict
 from latticeflow.device import select_device, select_dtype
+from latticeflow.distributed import DistributedContext, barrier, gather_objects, gather_rows
 from latticeflow.ensemble import read_ensemble
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import EstimatorOutput, get_estimator
@@ -244,6 +277,13 @@ def _derived_seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
 
 
+def _train_seed(seed: int, rank: int) -> int:
+    """Seed of the training stream of ``rank``: rank 0 has the single-process stream."""
+    if rank == 0:
+        return _derived_seed(seed, _TRAIN_STREAM)
+    return _derived_seed(seed, _TRAIN_STREAM, rank)
+
+
 class _DeferredInterrupt:
     """Within the context a first SIGINT only sets :attr:`requested` (checked between steps);
     a second one raises KeyboardInterrupt at once. Outside the main thread: no effect."""
@@ -334,16 +374,98 @@ def plot_metrics(metrics: str | os.PathLike, out: str | os.PathLike, title: str 
     fig.savefig(out, dpi=110)
 
 
+class _MetricsLog:
+    """Appends rows to ``metrics.csv`` (header first in a new file), flushed row by row; a no-op
+    unless ``active`` (ranks other than 0)."""
+
+    def __init__(self, path: Path, active: bool):
+        self._file = None
+        if active:
+            new_file = not path.exists()
+            self._file = open(path, "a", newline="")
+            self._writer = csv.writer(self._file)
+            if new_file:
+                self._writer.writerow(METRIC_COLUMNS)
+
+    def write(self, *row: float | int | None) -> None:
+        if self._file is not None:
+            self._writer.writerow([_format(v) for v in row])
+            self._file.flush()
+
+    def __enter__(self) -> _MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 # ------------------------------------------------------------------------------------------
-# Trainer
+# Precision, the loss module, step statistics
 # ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """Within the block, float32 CUDA matmuls and cuDNN convolutions use TF32 (``enabled``) or
+    full IEEE float32 (not ``enabled``); the previous settings are restored afterwards.
+
+    PyTorch's own default lets cuDNN convolutions use TF32, so sampling wraps its work in
+    ``tf32_mode(False)``: the log-densities that enter accept/reject are never TF32. No effect on
+    the CPU.
+    """
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+class TrainingLoss(nn.Module):
+    """The training loss of a batch as a module, so that DDP's forward wraps the estimator.
+
+    ``forward(batch, reverse_noise)`` returns ``(loss to backprop, objective, log w)``; with
+    ``reverse_noise`` (forward estimators with ``reverse_weight`` w > 0) the loss and objective
+    are (1 − w)·main + w·(reverse-fastpath on the noise), and log w is the main estimator's.
+    """
+
+    def __init__(self, flow: Flow, action: Action,
+                 estimator: Callable[[Flow, Action, Tensor], EstimatorOutput],
+                 reverse_term: Callable[[Flow, Action, Tensor], EstimatorOutput],
+                 reverse_weight: float):
+        super().__init__()
+        self.flow, self.action = flow, action
+        self.estimator, self.reverse_term = estimator, reverse_term
+        self.reverse_weight = reverse_weight
+
+    def forward(self, batch: Tensor, reverse_noise: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.estimator(self.flow, self.action, batch)
+        if reverse_noise is None:
+            return out.surrogate, out.objective, out.log_weight
+        w = self.reverse_weight
+        reverse = self.reverse_term(self.flow, self.action, reverse_noise)
+        return ((1 - w) * out.surrogate + w * reverse.surrogate,
+                (1 - w) * out.objective + w * reverse.objective, out.log_weight)
 
 
 @dataclass
-class _StepStats:
+class StepStats:
+    """One step as reported (the same on every rank): ``loss`` (the objective of the global
+    batch) and ``logw_std`` are NaN when the step is skipped; ``grad_norm`` is the norm of the
+    (rank-averaged) gradient; ``interrupt``: some rank has a pending Ctrl-C."""
+
     loss: float
     logw_std: float
     finite: bool
+    grad_norm: Tensor
+    interrupt: bool
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -353,14 +475,21 @@ class Trainer:
     and scheduler; use :func:`open_trainer` for the run-directory policy (no silent overwrite,
     resume, init-from). ``device`` overrides the recipe's. Forward estimators keep the whole
     ensemble's configurations on the device and draw minibatches (with replacement) from it.
+    ``distributed``: this rank of a data-parallel run (its device replaces ``device``); every
+    rank must then make the same calls. ``tf32``: allow TF32 during :meth:`train` (CUDA only).
     """
 
     def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None,
+                 distributed: DistributedContext | None = None, tf32: bool = False):
         self.recipe, self.config = recipe, recipe.training
         self.run_dir = Path(run_dir)
-        self.device = (device if isinstance(device, torch.device)
-                       else select_device(device or recipe.device))
+        self.distributed, self.tf32 = distributed, tf32
+        if distributed is not None:
+            self.device = distributed.device
+        else:
+            self.device = (device if isinstance(device, torch.device)
+                           else select_device(device or recipe.device))
         self.dtype = select_dtype(recipe.dtype)
         self.action = recipe.action()
         with torch.random.fork_rng(devices=[]):
@@ -371,21 +500,41 @@ class Trainer:
         self.estimator = get_estimator(self.config.estimator)
         self.reverse_term = get_estimator("reverse-fastpath")
         self.data = self._load_data() if self.config.direction == "forward" else None
+        loss = TrainingLoss(self.flow, self.action, self.estimator, self.reverse_term,
+                            self.config.reverse_weight)
+        # Masks are the only buffers and never change: no per-step buffer broadcast.
+        self.model: nn.Module = loss if distributed is None else DistributedDataParallel(
+            loss, device_ids=[self.device] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)
         optimizer = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer(self.flow.parameters(), lr=self.config.lr,
-                                         weight_decay=self.config.weight_decay)
+                                   weight_decay=self.config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda index: lr_factor(index, self.config))
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(_derived_seed(recipe.seed, _TRAIN_STREAM))
+        self.generator.manual_seed(_train_seed(recipe.seed, self.rank))
         self.step = 0
         self.skipped_steps = 0
         self.last_ess: float | None = None
         self.last_ess_step: int | None = None
         self.wall_time = 0.0
         self.checkpoint_step: int | None = None
+        self._interrupt: _DeferredInterrupt | None = None
 
-    # ------------------------------------------------------------------ paths
+    # ------------------------------------------------------------------ ranks and paths
+    @property
+    def rank(self) -> int:
+        return 0 if self.distributed is None else self.distributed.rank
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.distributed is None else self.distributed.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes files (the only one in a single-process run)."""
+        return self.rank == 0
+
     @property
     def checkpoint_file(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
@@ -458,13 +607,22 @@ class Trainer:
                 f"cannot resume {self.checkpoint_file}: the recipe differs from the one it was "
                 f"trained with in {'; '.join(conflicts)}. Use --force to start over, or "
                 f"--init-from with a new output directory to start from its weights")
+        trained_with = int(state.get("world_size", 1))
+        if trained_with != self.world_size:
+            raise LatticeflowError(
+                f"cannot resume {self.checkpoint_file}: it was trained with {trained_with} "
+                f"process(es) and this run has {self.world_size}; the per-rank random streams "
+                f"and the global batch would differ. Resume with the same number of processes "
+                f"(torchrun --nproc_per_node={trained_with}), or start a new run from its "
+                f"weights with --init-from")
         _load_weights(self.flow, state["model"], self.checkpoint_file)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                   strict=True):  # the schedule of this recipe from here on
             group["lr"] = base_lr * lr_factor(self.scheduler.last_epoch, self.config)
-        self.generator.set_state(state["rng"]["train"])
+        self.generator.set_state(state["rng"]["train_ranks"][self.rank]
+                                 if self.distributed is not None else state["rng"]["train"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -472,47 +630,65 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.last_ess, self.last_ess_step = state["ess"], state["ess_step"]
         self.wall_time = float(state["wall_time"])
-        _truncate_metrics(self.metrics_file, self.step)
-        log.info("resuming %s at step %d", self.checkpoint_file, self.step)
+        if self.is_main:
+            _truncate_metrics(self.metrics_file, self.step)
+            log.info("resuming %s at step %d", self.checkpoint_file, self.step)
 
     # ------------------------------------------------------------------ one step
-    def _batch_loss(self) -> tuple[torch.Tensor, EstimatorOutput, torch.Tensor]:
-        """(loss to backprop, the main estimator's output, the objective to report)."""
+    def draw_batch(self) -> tuple[Tensor, Tensor | None]:
+        """This rank's next training batch from its generator: ``(batch, reverse_noise)``.
+
+        Reverse estimators: ``batch_size`` base samples and no reverse noise. Forward ones:
+        ``batch_size`` configurations drawn (with replacement) from the data, and base noise for
+        the reverse term when ``reverse_weight > 0`` (else None).
+        """
         n = self.config.batch_size
         if self.data is None:
-            out = self.estimator(self.flow, self.action,
-                                 self.flow.sample_prior(n, generator=self.generator))
-            return out.surrogate, out, out.objective
+            return self.flow.sample_prior(n, generator=self.generator), None
         index = torch.randint(len(self.data), (n,), generator=self.generator,
                               device=self.device)
-        out = self.estimator(self.flow, self.action, self.data[index])
-        w = self.config.reverse_weight
-        if w == 0.0:
-            return out.surrogate, out, out.objective
-        reverse = self.reverse_term(self.flow, self.action,
-                                    self.flow.sample_prior(n, generator=self.generator))
-        return ((1 - w) * out.surrogate + w * reverse.surrogate, out,
-                (1 - w) * out.objective + w * reverse.objective)
+        if self.config.reverse_weight == 0.0:
+            return self.data[index], None
+        return self.data[index], self.flow.sample_prior(n, generator=self.generator)
 
-    def _train_step(self) -> _StepStats:
+    def backward(self, batch: Tensor, reverse_noise: Tensor | None = None, *,
+                 interrupt: bool = False) -> StepStats:
+        """Loss and backward pass of one batch; the gradient (averaged over the ranks under DDP)
+        is left in the parameters' ``.grad``. ``interrupt``: this rank has a pending Ctrl-C.
+
+        The statistics of all ranks are gathered in one collective and brought to the host in
+        one transfer, so every rank returns the same :class:`StepStats`.
+        """
+        loss, objective, log_weight = self.model(batch, reverse_noise)
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.flow.parameters() if p.grad is not None])
+        dtype = loss.dtype
+        head = torch.stack([loss.detach(), objective.to(dtype), norm.to(dtype),
+                            torch.full((), float(interrupt), dtype=dtype, device=loss.device)])
+        local = torch.cat([head, log_weight.to(dtype)])
+        table = (local[None] if self.distributed is None else gather_rows(local)).double()
+        values = table.cpu().numpy()   # one device → host transfer per step
+        finite = bool(np.isfinite(values[:, 0]).all() and math.isfinite(values[0, 2]))
+        return StepStats(
+            loss=float(values[:, 1].mean()) if finite else math.nan,
+            logw_std=float(values[:, 4:].std(ddof=1)) if finite else math.nan,
+            finite=finite, grad_norm=norm, interrupt=bool(values[:, 3].any()))
+
+    def _train_step(self) -> StepStats:
         self.flow.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, out, objective = self._batch_loss()
-        loss.backward()
-        params = [p for p in self.flow.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # one device → host transfer per step
-        values = torch.stack([loss.detach(), norm.to(loss.dtype), objective.to(loss.dtype),
-                              out.log_weight.std().to(loss.dtype)]).tolist()
-        finite = math.isfinite(values[0]) and math.isfinite(values[1])
-        if finite:
+        interrupt = self._interrupt is not None and self._interrupt.requested
+        stats = self.backward(*self.draw_batch(), interrupt=interrupt)
+        if stats.finite:
             if self.config.grad_clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, self.config.grad_clip, norm)
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for p in self.flow.parameters() if p.grad is not None],
+                    self.config.grad_clip, stats.grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return _StepStats(values[2] if finite else math.nan, values[3] if finite else math.nan,
-                          finite)
+        return stats
 
     @torch.no_grad()
     def measure_ess(self) -> float:
@@ -533,28 +709,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ persistence
     def save_checkpoint(self) -> None:
-        """Write the full training state atomically (refusing non-finite weights)."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.flow.parameters()):
+        """Write the full training state atomically (refusing non-finite weights).
+
+        Under DDP every rank must call it (the ranks' generator states are gathered); rank 0
+        writes the file.
+        """
+        finite = torch.stack([torch.isfinite(p).all() for p in self.flow.parameters()]).all()
+        if not bool(finite):  # one host sync
             raise TrainingDiverged(f"refusing to write non-finite weights to "
                                    f"{self.checkpoint_file}")
-        rng: dict[str, torch.Tensor] = {"train": self.generator.get_state(),
-                                        "torch": torch.get_rng_state()}
+        rng: dict[str, Any] = {"train": self.generator.get_state(),
+                               "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-            "latticeflow_version": latticeflow.__version__, "torch_version": str(torch.__version__),
-            "theory": self.recipe.theory, "lattice": list(self.recipe.lattice),
-            "architecture": self.recipe.architecture_dict(), "dtype": self.recipe.dtype,
-            "action": self.action.card(), "recipe": self.recipe.to_dict(),
-            "model": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
-            "ess": self.last_ess, "ess_step": self.last_ess_step,
-            "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
-        }
-        _atomic_save(state, self.checkpoint_file)
+        if self.distributed is not None:
+            rng["train_ranks"] = gather_objects(self.generator.get_state())
+        if self.is_main:
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                "latticeflow_version": latticeflow.__version__,
+                "torch_version": str(torch.__version__),
+                "theory": self.recipe.theory, "lattice": list(self.recipe.lattice),
+                "architecture": self.recipe.architecture_dict(), "dtype": self.recipe.dtype,
+                "action": self.action.card(), "recipe": self.recipe.to_dict(),
+                "model": self.flow.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
+                "ess": self.last_ess, "ess_step": self.last_ess_step,
+                "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
+                "world_size": self.world_size,
+            }, self.checkpoint_file)
+            log.debug("checkpoint at step %d: %s", self.step, self.checkpoint_file)
         self.checkpoint_step = self.step
-        log.debug("checkpoint at step %d: %s", self.step, self.checkpoint_file)
 
     def write_plot(self) -> None:
         lattice = "x".join(map(str, self.recipe.lattice))
@@ -563,70 +748,83 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainingResult:
-        """Train up to ``training.steps`` (total); returns where everything was written."""
+        """Train up to ``training.steps`` (total); returns where everything was written.
+
+        Under DDP every rank calls it; rank 0 alone writes files, logs and shows progress.
+        """
         total = self.config.steps
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.step >= total and self.checkpoint_step == self.step:
-            log.info("already at step %d of %d: nothing to train", self.step, total)
+            if self.is_main:
+                log.info("already at step %d of %d: nothing to train", self.step, total)
             return self._result()
-        if self.step == 0 and self.last_ess is None:
-            log.info("initial ESS: %.4f", self.measure_ess())
+        with tf32_mode(self.tf32), ExitStack() as stack:
+            if self.step == 0 and self.last_ess is None and self.is_main:
+                log.info("initial ESS: %.4f", self.measure_ess())
+            self._interrupt = stack.enter_context(_DeferredInterrupt())
+            stack.callback(setattr, self, "_interrupt", None)
+            metrics = stack.enter_context(_MetricsLog(self.metrics_file, self.is_main))
+            stack.enter_context(logging_redirect_tqdm())
+            bar = stack.enter_context(tqdm(
+                total=total, initial=self.step, dynamic_ncols=True, unit="step",
+                disable=not (self.is_main and sys.stderr.isatty())))
+            self._loop(total, metrics, bar)
+        return self._result()
+
+    def _loop(self, total: int, metrics: _MetricsLog, bar: tqdm) -> None:
         bad_streak, last_plot = 0, time.monotonic()
-        new_file = not self.metrics_file.exists()
-        with open(self.metrics_file, "a", newline="") as metrics, \
-                _DeferredInterrupt() as interrupt, logging_redirect_tqdm(), \
-                tqdm(total=total, initial=self.step, disable=not sys.stderr.isatty(),
-                     dynamic_ncols=True, unit="step") as bar:
-            writer = csv.writer(metrics)
-            if new_file:
-                writer.writerow(METRIC_COLUMNS)
-            while self.step < total:
-                started = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
-                stats = self._train_step()
-                self.step += 1
-                if stats.finite:
-                    bad_streak = 0
-                else:
-                    bad_streak += 1
-                    self.skipped_steps += 1
+        while self.step < total:
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            stats = self._train_step()
+            self.step += 1
+            if stats.finite:
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                self.skipped_steps += 1
+                if self.is_main:
                     log.warning("step %d: non-finite loss or gradient; step skipped "
                                 "(%d in a row)", self.step, bad_streak)
-                measured = None
-                if self.step % self.config.ess_interval == 0 or self.step == total:
-                    measured = self.measure_ess()
-                self.wall_time += time.perf_counter() - started
-                writer.writerow([_format(v) for v in (
-                    self.step, stats.loss, measured, stats.logw_std, lr, self.wall_time,
-                    self.skipped_steps)])
-                metrics.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats.loss:.4g}", ess=_format_ess(self.last_ess))
-                if measured is not None:
-                    log.info("step %d/%d  loss %.5g  ESS %.4f  lr %.3g  skipped %d  (%.0f s)",
-                             self.step, total, stats.loss, measured, lr, self.skipped_steps,
-                             self.wall_time)
-                if bad_streak >= self.config.max_bad_steps:
-                    metrics.flush()
-                    self.write_plot()
-                    raise TrainingDiverged(self._divergence_message(bad_streak))
-                if (self.step % self.config.checkpoint_interval == 0 and bad_streak == 0
-                        or self.step == total):
+            measured = None
+            if self.is_main and (self.step % self.config.ess_interval == 0
+                                 or self.step == total):
+                measured = self.measure_ess()
+            self.wall_time += time.perf_counter() - started
+            metrics.write(self.step, stats.loss, measured, stats.logw_std, lr, self.wall_time,
+                          self.skipped_steps)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4g}", ess=_format_ess(self.last_ess))
+            if measured is not None:
+                log.info("step %d/%d  loss %.5g  ESS %.4f  lr %.3g  skipped %d  (%.0f s)",
+                         self.step, total, stats.loss, measured, lr, self.skipped_steps,
+                         self.wall_time)
+            if bad_streak >= self.config.max_bad_steps:
+                self._plot()
+                raise TrainingDiverged(self._divergence_message(bad_streak))
+            if (self.step % self.config.checkpoint_interval == 0 and bad_streak == 0
+                    or self.step == total):
+                self.save_checkpoint()
+                if self.step == total or time.monotonic() - last_plot > PLOT_INTERVAL_S:
+                    self._plot()
+                    last_plot = time.monotonic()
+            # Ranks must stop at the same step: under DDP only the gathered flag counts.
+            if stats.interrupt if self.distributed is not None else self._interrupt.requested:
+                if self.checkpoint_step != self.step:
                     self.save_checkpoint()
-                    if self.step == total or time.monotonic() - last_plot > PLOT_INTERVAL_S:
-                        self.write_plot()
-                        last_plot = time.monotonic()
-                if interrupt.requested:
-                    if self.checkpoint_step != self.step:
-                        self.save_checkpoint()
-                    self.write_plot()
+                self._plot()
+                if self.is_main:
                     log.warning("interrupted at step %d; checkpoint written to %s", self.step,
                                 self.checkpoint_file)
-                    raise KeyboardInterrupt
+                raise KeyboardInterrupt
         if self.checkpoint_step != self.step:  # training.steps = 0
             self.save_checkpoint()
+            self._plot()
+
+    def _plot(self) -> None:
+        if self.is_main:
             self.write_plot()
-        return self._result()
 
     def _divergence_message(self, streak: int) -> str:
         kept = (f"the last good checkpoint {self.checkpoint_file} (step {self.checkpoint_step}) "
@@ -665,15 +863,30 @@ def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             and not key.startswith(_RESUMABLE_SECTIONS)]
 
 
+def _check_creatable(run_dir: Path) -> None:
+    """The run directory exists, or its nearest existing ancestor is a writable directory."""
+    for folder in (run_dir, *run_dir.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise LatticeflowError(f"output directory {run_dir}: {folder} is not a "
+                                       f"directory")
+            if folder != run_dir and not os.access(folder, os.W_OK | os.X_OK):
+                raise LatticeflowError(f"output directory {run_dir}: {folder} is not writable")
+            return
+
+
 def open_trainer(recipe: Recipe, run_dir: str | os.PathLike | None = None, *,
                  resume: bool = False, force: bool = False,
                  init_from: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None) -> Trainer:
+                 device: str | torch.device | None = None,
+                 distributed: DistributedContext | None = None, tf32: bool = False) -> Trainer:
     """A :class:`Trainer` for ``run_dir`` (default ``recipe.default_run_dir()``), ready to train.
 
     An existing checkpoint is never replaced unless ``resume`` (continue from it) or ``force``
     (delete the run's checkpoint, metrics and plot and start over). ``init_from`` starts a new
     run from the weights of another checkpoint (e.g. trained on a smaller lattice).
+    ``distributed`` and ``tf32``: see :class:`Trainer`; under DDP every rank calls this, rank 0
+    alone deletes files, and all ranks leave together.
     """
     run_dir = Path(run_dir) if run_dir is not None else recipe.default_run_dir()
     existing = run_dir / CHECKPOINT_NAME
@@ -689,23 +902,27 @@ def open_trainer(recipe: Recipe, run_dir: str | os.PathLike | None = None, *,
                                f"or --force to start over (or --out for another directory)")
     if run_dir.exists() and not run_dir.is_dir():
         raise LatticeflowError(f"output directory {run_dir} is a file")
-    trainer = Trainer(recipe, run_dir, device=device)
+    _check_creatable(run_dir)
+    trainer = Trainer(recipe, run_dir, device=device, distributed=distributed, tf32=tf32)
     if init_from is not None:
         trainer.init_from(init_from)
     if resume:
         trainer.resume()
     elif force:
         for name in (CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME):
-            if (run_dir / name).exists():
+            if trainer.is_main and (run_dir / name).exists():
                 log.info("--force: removing %s", run_dir / name)
                 (run_dir / name).unlink()
     elif (run_dir / METRICS_NAME).exists():
         raise LatticeflowError(f"{run_dir / METRICS_NAME} exists without a checkpoint; use "
                                f"--force to start over")
+    if distributed is not None:
+        barrier()  # every rank has read and checked the run directory before rank 0 writes
     return trainer
 
 
-__all__ = ["CHECKPOINT_NAME", "LoadedFlow", "METRICS_NAME", "PLOT_NAME", "Trainer",
-           "TrainingDiverged", "TrainingResult", "checkpoint_path", "load_checkpoint",
-           "lr_factor", "open_trainer", "plot_metrics", "read_checkpoint", "read_metrics"]
+__all__ = ["CHECKPOINT_NAME", "LoadedFlow", "METRICS_NAME", "PLOT_NAME", "StepStats", "Trainer",
+           "TrainingDiverged", "TrainingLoss", "TrainingResult", "checkpoint_path",
+           "load_checkpoint", "lr_factor", "open_trainer", "plot_metrics", "read_checkpoint",
+           "read_metrics", "tf32_mode"]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from latticeflow.cli import EXIT_INTERRUPTED, EXIT_OK
-from latticeflow.ensemble import EnsembleMetadata, EnsembleWriter
+from latticeflow.ensemble import EnsembleMetadata, EnsembleReader, EnsembleWriter
 from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.chain import ChainResult, load_resume_state, run_chain
 
@@ -41,32 +42,47 @@ def check_counts(args: argparse.Namespace) -> None:
                                    f"got {getattr(args, name)}")
 
 
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A seed is stored as an int64 and seeds torch generators: 0 <= seed < 2**63."""
+    if not 0 <= seed < 2**63:
+        raise LatticeflowError(f"{option} must be an integer in [0, 2**63), got {seed}")
+
+
 def check_output_folder(out: Path) -> None:
-    folder = out.resolve().parent
+    folder = out.absolute().parent
     if not folder.is_dir():
-        raise LatticeflowError(f"{out}: output folder {folder} does not exist")
-    if not _writable(folder):
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise LatticeflowError(f"{out}: output folder {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise LatticeflowError(f"{out}: output folder {folder} is not writable")
 
 
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK)
-
-
-def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], chunk: int
-                ) -> EnsembleWriter:
+def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], chunk: int,
+                expected: Mapping[str, Any] | None = None) -> EnsembleWriter:
     """A writer for ``out``: resumed (``resume``), replaced (``force``) or new (refuses an
-    existing file otherwise)."""
+    existing file otherwise).
+
+    ``expected``: header fields (:class:`EnsembleMetadata` names) that a file to be resumed
+    must match; they are checked read-only, before the file is opened for writing.
+    """
     check_output_folder(out)
+    if out.is_dir():
+        raise LatticeflowError(f"{out}: is a directory; give a file name for the ensemble")
     if resume:
         if not out.exists():
             raise LatticeflowError(f"{out}: nothing to resume (no such file)")
+        if expected:
+            with EnsembleReader(out) as reader:
+                problem = metadata_mismatch(reader.metadata, expected)
+            if problem:
+                raise LatticeflowError(f"{out}: cannot resume: {problem}")
+        log.debug("resuming %s", out)
         return EnsembleWriter.resume(out)
     if out.exists() and not force:
         raise LatticeflowError(f"{out}: already exists; use --resume to continue it or --force "
                                "to overwrite it")
+    log.debug("%s %s (chunks of %d rows)", "replacing" if out.exists() else "creating", out,
+              chunk)
     return EnsembleWriter.create(out, chunk_rows=chunk, force=force, **header)
 
 
@@ -81,12 +97,12 @@ def run_to_file(sampler: Any, writer: EnsembleWriter, n: int, chunk: int,
         if load_resume_state(sampler, writer):
             log.info("resuming %s at row %d", writer.path, writer.n_complete)
         result = run_chain(sampler, writer, n, chunk)
+    if result.interrupted:
+        log.warning("interrupted: %d complete rows are in %s (%d new; %s); continue with "
+                    "--resume", result.n_complete, writer.path, result.n_added, summary(result))
+        return EXIT_INTERRUPTED
     log.info("%s: %d rows (%d new); %s", writer.path, result.n_complete, result.n_added,
              summary(result))
-    if result.interrupted:
-        log.warning("interrupted: %d complete rows are in %s; continue with --resume",
-                    result.n_complete, writer.path)
-        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import checkpoint_path, read_checkpoint
+from latticeflow.training import CHECKPOINT_NAME, checkpoint_path, read_checkpoint
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,8 +78,15 @@ def run(args: argparse.Namespace) -> int:
     path: Path = args.path
     if not path.exists():
         raise LatticeflowError(f"{path}: no such file or directory")
-    if path.is_dir() or path.suffix in (".pt", ".pth"):
-        print(checkpoint_summary(checkpoint_path(path)))
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise LatticeflowError(f"{path}: a directory without {CHECKPOINT_NAME} (not a run "
+                                   f"directory)")
+        summary = checkpoint_summary(checkpoint_path(path))
+    elif path.suffix in CHECKPOINT_SUFFIXES or (path.suffix not in (".h5", ".hdf5")
+                                                and zipfile.is_zipfile(path)):
+        summary = checkpoint_summary(path)  # torch checkpoints are zip archives
     else:
-        print(ensemble_summary(path))
+        summary = ensemble_summary(path)
+    print(summary)
     return 0

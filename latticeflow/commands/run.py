@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import textwrap
 from pathlib import Path
 
-from latticeflow import analysis, plots, script_support
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
+from latticeflow.training import (
+    CHECKPOINT_NAME,
+    _resume_conflicts,
+    open_trainer,
+    read_checkpoint,
+)
 
 log = logging.getLogger("latticeflow")
 
@@ -40,6 +45,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true",
                         help="start every stage over, replacing the run directory's outputs")
     parser.set_defaults(handler=run)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory exists as a writable directory or can be created."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise LatticeflowError(f"run directory {run_dir} is a file; use --out for another "
+                                   f"directory")
+        folder = run_dir
+    else:
+        folder = run_dir.absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise LatticeflowError(f"cannot create run directory {run_dir}: {folder} is not a "
+                                   f"directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LatticeflowError(f"cannot write to run directory {run_dir}: {folder} is not "
+                               f"writable")
+
+
+def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
+    """Refuse, before any work, what a later stage would refuse: an unusable run directory, a
+    checkpoint trained from another recipe, an ensemble that cannot be read or continued."""
+    check_run_dir(run_dir)
+    if force:
+        return
+    checkpoint = run_dir / CHECKPOINT_NAME
+    complete_digest = None
+    if checkpoint.exists():
+        state, digest = read_checkpoint(checkpoint)
+        conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
+        if conflicts:
+            raise LatticeflowError(
+                f"{checkpoint} was trained from another recipe (differs in "
+                f"{'; '.join(conflicts)}); use --force to start over, or --out for another "
+                f"run directory")
+        if state["step"] >= recipe.training.steps:
+            complete_digest = digest
+    ensemble = run_dir / ENSEMBLE_NAME
+    if ensemble.exists():
+        with EnsembleReader(ensemble) as reader:
+            meta = reader.metadata
+        if complete_digest is None or meta.checkpoint_sha256 != complete_digest:
+            raise LatticeflowError(f"{ensemble} was sampled from another checkpoint than the "
+                                   f"one this run trains ({checkpoint}); use --force to start "
+                                   f"over")
 
 
 def train_stage(recipe: Recipe, run_dir: Path, force: bool) -> str:
@@ -88,6 +140,8 @@ def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device
 
 
 def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
+    from latticeflow import analysis, plots, script_support  # slow imports, needed only here
+
     folder = run_dir / ANALYSIS_DIR
     record_path = folder / "observables.json"
     with EnsembleReader(ensemble) as reader:
@@ -114,9 +168,15 @@ def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latticeflow.distributed import torchrun_ranks
+
+    if torchrun_ranks() is not None:
+        raise LatticeflowError("'latticeflow run' is a single-process pipeline; under torchrun "
+                               "use 'latticeflow train' and 'latticeflow sample' instead")
     overrides = {} if args.device is None else {"device": args.device}
     recipe = load_recipe(args.recipe, overrides)
     run_dir = args.out or recipe.default_run_dir()
+    preflight(recipe, run_dir, args.force)
     digest = train_stage(recipe, run_dir, args.force)
     ensemble = sample_stage(recipe, run_dir, digest, args.force, args.device)
     record = analysis_stage(recipe, run_dir, ensemble)

@@ -1,4 +1,8 @@
-"""``latticeflow train``: train a flow from a run recipe (``runs/*.toml``)."""
+"""``latticeflow train``: train a flow from a run recipe (``runs/*.toml``).
+
+Under ``torchrun`` (``torchrun --nproc_per_node=K -m latticeflow.cli train RECIPE``) the K
+processes train one flow data-parallel; see :mod:`latticeflow.training` and docs/gpu.md.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import torch
 
 from latticeflow.config import load_recipe
+from latticeflow.distributed import distributed_session, label_logs
 from latticeflow.errors import LatticeflowError
 from latticeflow.training import open_trainer
 
@@ -29,13 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train the flow of a run recipe (runs/*.toml). The output directory gets "
                     "checkpoint.pt, metrics.csv and training.png. An existing checkpoint is "
                     "never overwritten: continue it with --resume or start over with --force. "
-                    "Ctrl-C writes a checkpoint of the last completed step.",
+                    "Ctrl-C writes a checkpoint of the last completed step. Under torchrun the "
+                    "processes train data-parallel (training.batch_size per process); rank 0 "
+                    "writes the files.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             examples:
               latticeflow train runs/quickstart.toml
               latticeflow train runs/phi4_L16.toml --steps 5000 --resume
-              latticeflow train runs/phi4_L32.toml --init-from runs/phi4_L16"""),
+              latticeflow train runs/phi4_L32.toml --init-from runs/phi4_L16
+              torchrun --nproc_per_node=4 -m latticeflow.cli train runs/phi4_L32.toml --tf32"""),
     )
     parser.add_argument("recipe", type=Path, help="run recipe (TOML)")
     parser.add_argument("--steps", type=_non_negative, metavar="N",
@@ -54,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is often fastest on "
                              "a busy machine)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let float32 matmuls and convolutions use TF32 on CUDA during "
+                             "training (faster on Ampere and later; sampling never uses it)")
     parser.set_defaults(handler=run)
 
 
@@ -68,16 +79,22 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise LatticeflowError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    trainer = open_trainer(recipe, args.out, resume=args.resume, force=args.force,
-                           init_from=args.init_from)
-    log.info("training %s: %s on lattice %s, %s, %s on %s", recipe.name, recipe.theory,
-             "x".join(map(str, recipe.lattice)), recipe.training.estimator, recipe.dtype,
-             trainer.device)
-    result = trainer.train()
-    ess = "not measured" if result.ess is None else f"{result.ess:.4f}"
-    log.info("done: step %d, final ESS %s, skipped steps %d, %.0f s of training",
-             result.step, ess, result.skipped_steps, result.wall_time)
-    log.info("checkpoint: %s", result.checkpoint)
-    log.info("metrics:    %s", result.metrics)
-    log.info("plot:       %s", result.plot)
+    with distributed_session(recipe.device) as context:
+        if context is not None:
+            label_logs(context)
+        trainer = open_trainer(recipe, args.out, resume=args.resume, force=args.force,
+                               init_from=args.init_from, distributed=context, tf32=args.tf32)
+        if trainer.is_main:
+            processes = "" if context is None else f" x {context.world_size} processes"
+            log.info("training %s: %s on lattice %s, %s, %s on %s%s", recipe.name,
+                     recipe.theory, "x".join(map(str, recipe.lattice)),
+                     recipe.training.estimator, recipe.dtype, trainer.device, processes)
+        result = trainer.train()
+    if trainer.is_main:
+        ess = "not measured" if result.ess is None else f"{result.ess:.4f}"
+        log.info("done: step %d, final ESS %s, skipped steps %d, %.0f s of training",
+                 result.step, ess, result.skipped_steps, result.wall_time)
+        log.info("checkpoint: %s", result.checkpoint)
+        log.info("metrics:    %s", result.metrics)
+        log.info("plot:       %s", result.plot)
     return 0
