@@ -96,7 +96,9 @@ def test_u1_hmc_plaquette_and_susceptibility():
 
 @pytest.mark.slow
 def test_u1_neural_mcmc_plaquette_and_susceptibility(tmp_path):
-    flow, action = _train(tmp_path, U1, "[8, 8]", 400, '[flow]\nn_couplings = 8\n')
+    # 4×4: a flow trained for minutes on a CPU reaches a useful acceptance there (at 8×8 it
+    # needs far longer); the exact finite-volume formulas hold for any L.
+    flow, action = _train(tmp_path, U1, "[4, 4]", 600, '[flow]\nn_couplings = 8\n')
     rows = FlowMetropolis(flow, action, seed=2, batch_size=2000).advance(30000)
     assert rows["accepted"].mean() > 0.1
-    _check_u1(rows["configs"], None, 2.0, (8, 8))
+    _check_u1(rows["configs"], None, 2.0, (4, 4))
