@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"forward-KL training time per estimator, set and seed (default "
                              f"{study.ForwardConfig().budget_s:g}, quick "
                              f"{study.QUICK.forward.budget_s:g})")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="training precision (default float32)")
     parser.add_argument("--theories", nargs="+", default=list(study.THEORY_CARDS),
                         metavar="THEORY",
                         help=f"theories to study (default: {' '.join(study.THEORY_CARDS)})")
@@ -73,7 +76,7 @@ def study_config(args: argparse.Namespace) -> study.StudyConfig:
     if unknown:
         raise LatticeflowError(f"unknown theory {', '.join(unknown)}; choose from "
                                f"{', '.join(study.THEORY_CARDS)}")
-    base = study.QUICK if args.quick else study.StudyConfig()
+    base = replace(study.QUICK if args.quick else study.StudyConfig(), dtype=args.dtype)
     return study.with_budgets(base, seeds=args.seeds, budget_s=args.budget,
                               forward_seeds=args.forward_seeds,
                               forward_budget_s=args.forward_budget)

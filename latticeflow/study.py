@@ -692,7 +692,7 @@ def plot_reverse_ess(result: StudyResult, path: Path, against: str) -> Path:
                xlabel="training wall time [s]" if against == "time" else "training step")
         ax.grid(alpha=0.3, which="both")
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"Reverse KL: ESS/N, mean and min–max over {result.config.seeds} seeds")
+    fig.suptitle(f"Reverse KL: ESS/N\n(mean and min–max over {result.config.seeds} seeds)")
     fig.savefig(path, dpi=_DPI)
     return path
 
@@ -713,11 +713,10 @@ def plot_gradient_variance(result: StudyResult, path: Path) -> Path:
         ax.set(title=_title(result.setups[theory]), xlabel="training step",
                ylabel="log10 Var[g] (trace, one batch)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="best", fontsize=7)
     rev = result.config.reverse
-    fig.suptitle(f"Gradient variance at each run's parameters over {rev.variance_batches} "
-                 f"batches of {rev.batch_size}; mean and min–max over {result.config.seeds} "
-                 f"seeds")
+    fig.suptitle(f"Gradient variance at each run's parameters\n({rev.variance_batches} batches "
+                 f"of {rev.batch_size}; mean and min–max over {result.config.seeds} seeds)")
     fig.savefig(path, dpi=_DPI)
     return path
 
@@ -737,8 +736,8 @@ def plot_forward_kl(result: StudyResult, path: Path) -> Path:
                    xlabel="training step", ylabel="KL(p‖q) + log Z  (E_p[log w])")
             ax.grid(alpha=0.3)
             ax.legend(loc="upper right", fontsize=7)
-    fig.suptitle(f"Forward KL on training (dashed) and held-out (solid) HMC data, after the "
-                 f"first measurement; mean and min–max over {result.config.forward.seeds} seeds")
+    fig.suptitle(f"Forward KL on training (dashed) and held-out (solid) HMC data\n(after the "
+                 f"first measurement; mean and min–max over {result.config.forward.seeds} seeds)")
     fig.savefig(path, dpi=_DPI)
     return path
 

@@ -137,3 +137,18 @@ def test_ncp_inverse_accuracy_and_implicit_gradients():
     inputs = (v.clone().requires_grad_(True), p.log_scale.clone().requires_grad_(True),
               torch.randn(2, 4, 5).requires_grad_(True), p.shift.clone().requires_grad_(True))
     assert torch.autograd.gradcheck(solve, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_ncp_float32_round_trip_near_the_seams():
+    """In float32, u near π and 2π must not jump by 2π (a branch on u/2 > π/2 did)."""
+    n = 4000
+    u = 2 * math.pi * torch.rand(n)
+    u[: n // 4] = 2 * math.pi - 1e-5 * torch.rand(n // 4)
+    u[n // 4: n // 2] = math.pi + 1e-5 * (2 * torch.rand(n // 4) - 1)
+    p = _random_ncp((n,))
+    h64, _, _ = ncp(u, p)
+    p32 = NCPParams(p.log_scale.float(), p.weights.float(), p.shift.float())
+    h32, _, _ = ncp(u.float(), p32)
+    assert (h32.double() - h64).abs().max() < 1e-5
+    back, _, _ = ncp_inverse(h32, p32)
+    assert wrap_difference(back.double(), u.float().double()).abs().max() < 1e-4

@@ -1,7 +1,14 @@
 """Non-compact projection (NCP) maps of the circle: mixtures of tan-transforms plus a shift.
 
 For u ∈ [0, 2π) and a scale a = e^s, the tan-transform g_s(u) = 2 arctan(a tan(u/2)) (on the
-branch that maps [0, 2π) onto itself) is a smooth increasing bijection of the circle with
+branch that maps [0, 2π) onto itself) is a smooth increasing bijection of the circle. It is
+evaluated without a branch as u plus a periodic correction (arctan(x) − arctan(y) =
+arctan((x − y)/(1 + xy)) for xy ≥ 0, with numerator and denominator multiplied by cos²(u/2)):
+
+    g_s(u)   = u + 2 arctan((a − 1) sin u / (1 + a + (1 − a) cos u)),
+
+which is continuous across u = π and u = 2π in any precision (a branch test on u/2 > π/2 flips
+by 2π when rounding moves u across π). Its derivatives are
 
     g_s'(u)  = a / D,      D = cos²(u/2) + a² sin²(u/2) = ½(1 + a²) + ½(1 − a²) cos u,
     g_s''(u) = a (1 − a²) sin u / (2 D²).
@@ -35,10 +42,9 @@ class NCPParams:
 def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``."""
     a = torch.exp(p.log_scale)
-    half = 0.5 * u.unsqueeze(1)
-    branch = torch.pi * (half > 0.5 * torch.pi).to(half.dtype)
-    g = 2 * (torch.atan(a * torch.tan(half)) + branch)
     cos_u = torch.cos(u).unsqueeze(1)
+    sin_u = torch.sin(u).unsqueeze(1)
+    g = u.unsqueeze(1) + 2 * torch.atan((a - 1) * sin_u / (1 + a + (1 - a) * cos_u))
     a2 = a * a
     denom = 0.5 * (1 + a2) + 0.5 * (1 - a2) * cos_u
     dg = a / denom
@@ -46,7 +52,7 @@ def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tens
     dh = (p.weights * dg).sum(1)
     if not need_second:
         return h, dh, None
-    d2g = a * (1 - a2) * torch.sin(u).unsqueeze(1) / (2 * denom * denom)
+    d2g = a * (1 - a2) * sin_u / (2 * denom * denom)
     return h, dh, (p.weights * d2g).sum(1)
 
 
