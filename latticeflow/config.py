@@ -20,7 +20,8 @@ Top level:
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
 empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
-``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 (U(1) only; rejected for φ⁴).
+``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``rectangles`` bool (conditioner also sees the 1×2 loops through
+the updated links; default true) (U(1) only; rejected for φ⁴).
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -260,8 +261,9 @@ def _lattice(top: Table, theory: str) -> tuple[int, ...]:
 
 def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[str, Any]:
     defaults = DEFAULT_ARCHITECTURE[theory]
-    if theory != "u1" and table.has("n_mixture"):
-        raise table.error("n_mixture", "only applies to the u1 flow (NCP mixture components)")
+    for key in ("n_mixture", "rectangles"):
+        if theory != "u1" and table.has(key):
+            raise table.error(key, "only applies to the u1 flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
                                                          low=1)}
     hidden = table.get("hidden", list, defaults["hidden"])
@@ -278,6 +280,7 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     arch["activation"] = table.choice("activation", tuple(ACTIVATIONS), defaults["activation"])
     if theory == "u1":
         arch["n_mixture"] = table.integer("n_mixture", defaults["n_mixture"], low=1)
+        arch["rectangles"] = table.get("rectangles", bool, defaults["rectangles"])
     table.finish()
     return arch
 

@@ -51,9 +51,10 @@ def test_defaults(recipe_dir: Path) -> None:
 
 
 def test_flow_overrides_merge_with_defaults(recipe_dir: Path) -> None:
-    recipe = load_recipe(write(recipe_dir, U1 + "[flow]\nn_couplings = 8\nn_mixture = 3\n"))
+    recipe = load_recipe(write(recipe_dir, U1 + "[flow]\nn_couplings = 8\nn_mixture = 3\n"
+                                                     "rectangles = false\n"))
     assert recipe.architecture_dict() == {**DEFAULT_ARCHITECTURE["u1"], "n_couplings": 8,
-                                          "n_mixture": 3}
+                                          "n_mixture": 3, "rectangles": False}
 
 
 def test_round_trip_through_dict(recipe_dir: Path) -> None:
@@ -109,6 +110,8 @@ ERRORS = [
     (PHI4 + '[training]\nestimator = "reverse-magic"\n', "training.estimator", "one of"),
     (PHI4 + "[training]\ngrad_clip = -1.0\n", "training.grad_clip", "> 0"),
     (PHI4 + "[flow]\nn_mixture = 4\n", "flow.n_mixture", "u1"),
+    (PHI4 + "[flow]\nrectangles = false\n", "flow.rectangles", "u1"),
+    (U1 + "[flow]\nrectangles = 1\n", "flow.rectangles", "bool"),
     (PHI4 + "[flow]\nkernel_size = 4\n", "flow.kernel_size", "odd"),
     (PHI4 + "[flow]\nhidden = [8, -1]\n", "flow.hidden", "positive"),
     (PHI4 + '[flow]\nactivation = "swish"\n', "flow.activation", "one of"),

@@ -7,6 +7,12 @@ convolutional net of (cos P, sin P) on the *frozen* plaquettes (those containing
 link), and the link absorbs the change: θ_μ → θ_μ + h(u) − u (stored mod 2π). Hence
 ∂θ'/∂θ = h'(u) and ∂log h'/∂θ = h''/h'(u). Plaquettes are gauge invariant, so the flow commutes
 with gauge transformations; with a base density uniform in the links, q is gauge invariant.
+
+With ``rectangles`` the conditioner also sees, on the active rows, the 1×2 Wilson loop
+R = P_active + P_passive made of the active plaquette and the other plaquette the updated link
+sits in (with coefficient −1 there). The link cancels in R, so R is unchanged by the coupling, and
+it carries what the active plaquette's conditional density needs: for the Wilson action,
+p(P_active | R, rest) ∝ exp(β cos P_active + β cos(R − P_active)).
 Cycling μ ∈ {0, 1} and k ∈ {0, 1, 2, 3} (mask period 4) covers every link.
 """
 
@@ -33,7 +39,7 @@ class PlaquetteCoupling(MaskedCoupling):
     """
 
     def __init__(self, lattice: tuple[int, int], mu: int, offset: int, n_mixture: int,
-                 hidden: list[int], kernel_size: int, activation: str):
+                 hidden: list[int], kernel_size: int, activation: str, rectangles: bool = True):
         nu = 1 - mu
         active = torch.zeros((2, *lattice), dtype=torch.bool)
         active[mu] = stripes(lattice, nu, offset, MASK_PERIOD)
@@ -51,13 +57,24 @@ class PlaquetteCoupling(MaskedCoupling):
         frozen = stripes(lattice, nu, offset + 1, MASK_PERIOD) | stripes(
             lattice, nu, offset + 2, MASK_PERIOD)
         self.register_buffer("frozen_plaq", frozen, persistent=False)
-        self.net = conv_net(2, 2, 2 * n_mixture + 1, hidden, kernel_size, activation)
+        self.register_buffer("active_plaq", stripes(lattice, nu, offset - lag, MASK_PERIOD),
+                             persistent=False)
+        # The passive plaquette is one row below the active one for μ = 0, one above for μ = 1.
+        self.passive_shift = 1 if mu == 0 else -1
+        self.rectangles = rectangles
+        in_channels = 4 if rectangles else 2
+        self.net = conv_net(2, in_channels, 2 * n_mixture + 1, hidden, kernel_size, activation)
 
     def condition(self, x: Tensor) -> NCPParams:
-        """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes."""
+        """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes
+        (and (cos R, sin R) of the rectangles on the active rows)."""
         plaq = plaquette(x)
-        features = torch.stack([torch.cos(plaq), torch.sin(plaq)], dim=1)
-        out = self.net(torch.where(self.frozen_plaq, features, 0.0))
+        features = torch.where(self.frozen_plaq, torch.stack([plaq.cos(), plaq.sin()], dim=1), 0.0)
+        if self.rectangles:
+            rect = plaq + torch.roll(plaq, self.passive_shift, dims=self.axis)
+            loops = torch.where(self.active_plaq, torch.stack([rect.cos(), rect.sin()], dim=1), 0.0)
+            features = torch.cat([features, loops], dim=1)
+        out = self.net(features)
         out = out.index_select(self.axis + 1, self.plaq_rows)
         k = self.n_mixture
         return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
@@ -89,7 +106,7 @@ class PlaquetteCoupling(MaskedCoupling):
 
 def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: int = 6,
                    hidden: list[int] | None = None, kernel_size: int = 3,
-                   activation: str = "leaky_relu") -> Flow:
+                   activation: str = "leaky_relu", rectangles: bool = True) -> Flow:
     """Gauge-equivariant flow on a 2D lattice with extents divisible by 4.
 
     Coupling k updates direction μ = k mod 2 on stripe offset (k // 2) mod 4. Equivariant under
@@ -101,7 +118,7 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
     hidden = [8, 8] if hidden is None else list(hidden)
     couplings = [
         PlaquetteCoupling(tuple(lattice), k % 2, (k // 2) % MASK_PERIOD, n_mixture, hidden,
-                          kernel_size, activation)
+                          kernel_size, activation, rectangles)
         for k in range(n_couplings)
     ]
     return Flow(UniformAnglePrior((2, *lattice)), couplings)
