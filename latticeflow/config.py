@@ -20,8 +20,9 @@ Top level:
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
 empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
-``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``rectangles`` bool (conditioner also sees the 1×2 loops through
-the updated links; default true) (U(1) only; rejected for φ⁴).
+``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``rectangles`` bool (the
+conditioner also sees the 1×2 loops through the updated links; default true), both U(1) only
+and rejected for φ⁴.
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
