@@ -109,16 +109,19 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
                    activation: str = "leaky_relu", rectangles: bool = True) -> Flow:
     """Gauge-equivariant flow on a 2D lattice with extents divisible by 4.
 
-    Coupling k updates direction μ = k mod 2 on stripe offset (k // 2) mod 4. Equivariant under
-    translations by 4 sites (by the mask period).
+    Coupling k updates direction μ = k mod 2. The stripes of a direction are visited in the order
+    that moves away from the passive plaquettes: an update changes its active plaquette row and,
+    through the passive row, the row the previous coupling of that direction left alone. So
+    offsets run −(k // 2) mod 4 for μ = 0 (passive row below) and (k // 2) mod 4 for μ = 1
+    (passive row above). Equivariant under translations by 4 sites (by the mask period).
     """
     if len(lattice) != 2 or any(n % MASK_PERIOD for n in lattice):
         raise ValueError(f"the U(1) flow needs a 2D lattice with extents divisible by "
                          f"{MASK_PERIOD}, got {lattice}")
     hidden = [8, 8] if hidden is None else list(hidden)
     couplings = [
-        PlaquetteCoupling(tuple(lattice), k % 2, (k // 2) % MASK_PERIOD, n_mixture, hidden,
-                          kernel_size, activation, rectangles)
+        PlaquetteCoupling(tuple(lattice), k % 2, (k // 2 if k % 2 else -(k // 2)) % MASK_PERIOD,
+                          n_mixture, hidden, kernel_size, activation, rectangles)
         for k in range(n_couplings)
     ]
     return Flow(UniformAnglePrior((2, *lattice)), couplings)
