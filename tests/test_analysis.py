@@ -26,6 +26,7 @@ from latticeflow.lattice import plaquette
 from latticeflow.samplers.chain import run_chain
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.theories import Phi4, Phi4Hopping, U1Wilson
+from latticeflow.training import METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("observables", "autocorrelation", "compare")
@@ -413,6 +414,7 @@ def load_script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"analysis_script_{name}",
                                                   ROOT / "analysis" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -557,3 +559,45 @@ def test_formatting():
     assert ss.parse_int_list("5", 3, "-K") == [5, 5, 5]
     with pytest.raises(LatticeflowError, match="2 values given for 3"):
         ss.parse_int_list("1,2", 3, "-K")
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------
+
+
+def _write_metrics(path: Path, seconds_per_step: float, ess_of_step) -> Path:
+    """A metrics.csv of 400 steps: loss −step/100, ESS every 100 steps."""
+    path.mkdir(parents=True)
+    lines = [",".join(METRIC_COLUMNS)]
+    for step in range(1, 401):
+        ess = f"{ess_of_step(step)}" if step % 100 == 0 else ""
+        lines.append(f"{step},{-step / 100},{ess},1.0,0.001,{step * seconds_per_step},0")
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_training_curves_at_common_budget(tmp_path, capsys):
+    """Run A takes 0.5 s per step, B 1 s; the common budget is A's 200 s. ESS every 100 steps:
+    A's ESS is step/1000, B's step/2000."""
+    fast = _write_metrics(tmp_path / "fast", 0.5, lambda s: s / 1000)
+    slow = _write_metrics(tmp_path / "slow", 1.0, lambda s: s / 2000)
+    script = load_script("training_curves")
+    code = script.main([str(fast), str(slow / "metrics.csv"), "--plot",
+                        str(tmp_path / "out" / "curves.png")])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and (tmp_path / "out" / "curves.png").stat().st_size > 0
+    assert out[0].startswith("common budget: 200 s")  # the shorter run: A, 400 steps at 0.5 s
+    rows = {line.split()[0]: line.split()[1:] for line in out[2:4]}
+    # A: ESS 0.1 at 50 s, 0.2 at 100 s, 0.3 at 150 s, 0.4 at 200 s; mean loss of steps 301-400.
+    assert rows["fast"] == ["400", "0.100", "0.200", "0.300", "0.400", "-3.5050"]
+    # B by 200 s: 200 steps, ESS 0.05 from 100 s on, nothing before; loss of steps 101-200.
+    assert rows["slow"] == ["200", "nan", "0.050", "0.050", "0.100", "-1.5050"]
+
+
+def test_training_curves_rejects_a_non_run_in_one_line(tmp_path, capsys):
+    code = load_script("training_curves").main([str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == (f"training_curves.py: error: {tmp_path}: no metrics.csv "
+                      "(not a training run directory)")
