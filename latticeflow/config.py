@@ -20,9 +20,9 @@ Top level:
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
 empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
-``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``rectangles`` bool (the
-conditioner also sees the 1×2 loops through the updated links; default true), both U(1) only
-and rejected for φ⁴.
+``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``loop_length`` int in 1..4
+(the conditioner also sees the 1×k loops, k = 2..loop_length, through the updated links;
+1 means plaquettes only; default 2), both U(1) only and rejected for φ⁴.
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -262,7 +262,7 @@ def _lattice(top: Table, theory: str) -> tuple[int, ...]:
 
 def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[str, Any]:
     defaults = DEFAULT_ARCHITECTURE[theory]
-    for key in ("n_mixture", "rectangles"):
+    for key in ("n_mixture", "loop_length"):
         if theory != "u1" and table.has(key):
             raise table.error(key, "only applies to the u1 flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
@@ -281,7 +281,8 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     arch["activation"] = table.choice("activation", tuple(ACTIVATIONS), defaults["activation"])
     if theory == "u1":
         arch["n_mixture"] = table.integer("n_mixture", defaults["n_mixture"], low=1)
-        arch["rectangles"] = table.get("rectangles", bool, defaults["rectangles"])
+        arch["loop_length"] = table.integer("loop_length", defaults["loop_length"], low=1,
+                                            high=MASK_PERIOD)
     table.finish()
     return arch
 

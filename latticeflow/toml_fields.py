@@ -74,10 +74,13 @@ class Table:
             raise self.error(name, f"must be <= {high}, got {value}")
         return value
 
-    def integer(self, name: str, default: Any = ..., *, low: int | None = None) -> int:
+    def integer(self, name: str, default: Any = ..., *, low: int | None = None,
+                high: int | None = None) -> int:
         value = self.get(name, int, default)
         if value is not None and low is not None and value < low:
             raise self.error(name, f"must be >= {low}, got {value}")
+        if value is not None and high is not None and value > high:
+            raise self.error(name, f"must be <= {high}, got {value}")
         return value
 
     def choice(self, name: str, options: tuple[str, ...], default: Any = ...) -> str:

@@ -9,7 +9,7 @@ from latticeflow.theories.base import Action
 
 ARCHS = {
     "phi4": {"n_couplings": 4, "hidden": [4], "kernel_size": 3},
-    "u1": {"n_couplings": 4, "n_mixture": 3, "hidden": [4], "kernel_size": 3},
+    "u1": {"n_couplings": 4, "n_mixture": 3, "hidden": [4], "kernel_size": 3, "loop_length": 4},
 }
 
 

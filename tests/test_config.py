@@ -52,9 +52,9 @@ def test_defaults(recipe_dir: Path) -> None:
 
 def test_flow_overrides_merge_with_defaults(recipe_dir: Path) -> None:
     recipe = load_recipe(write(recipe_dir, U1 + "[flow]\nn_couplings = 8\nn_mixture = 3\n"
-                                                     "rectangles = false\n"))
+                                                     "loop_length = 1\n"))
     assert recipe.architecture_dict() == {**DEFAULT_ARCHITECTURE["u1"], "n_couplings": 8,
-                                          "n_mixture": 3, "rectangles": False}
+                                          "n_mixture": 3, "loop_length": 1}
 
 
 def test_round_trip_through_dict(recipe_dir: Path) -> None:
@@ -110,8 +110,8 @@ ERRORS = [
     (PHI4 + '[training]\nestimator = "reverse-magic"\n', "training.estimator", "one of"),
     (PHI4 + "[training]\ngrad_clip = -1.0\n", "training.grad_clip", "> 0"),
     (PHI4 + "[flow]\nn_mixture = 4\n", "flow.n_mixture", "u1"),
-    (PHI4 + "[flow]\nrectangles = false\n", "flow.rectangles", "u1"),
-    (U1 + "[flow]\nrectangles = 1\n", "flow.rectangles", "bool"),
+    (PHI4 + "[flow]\nloop_length = 2\n", "flow.loop_length", "u1"),
+    (U1 + "[flow]\nloop_length = 5\n", "flow.loop_length", "4"),
     (PHI4 + "[flow]\nkernel_size = 4\n", "flow.kernel_size", "odd"),
     (PHI4 + "[flow]\nhidden = [8, -1]\n", "flow.hidden", "positive"),
     (PHI4 + '[flow]\nactivation = "swish"\n', "flow.activation", "one of"),

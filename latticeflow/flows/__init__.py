@@ -16,7 +16,7 @@ __all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp
 DEFAULT_ARCHITECTURE: dict[str, dict[str, Any]] = {
     "phi4": {"n_couplings": 8, "hidden": [16, 16], "kernel_size": 3, "activation": "leaky_relu"},
     "u1": {"n_couplings": 16, "n_mixture": 6, "hidden": [8, 8], "kernel_size": 3,
-           "activation": "leaky_relu", "rectangles": True},
+           "activation": "leaky_relu", "loop_length": 2},
 }
 
 

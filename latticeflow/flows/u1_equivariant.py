@@ -8,11 +8,13 @@ link), and the link absorbs the change: θ_μ → θ_μ + h(u) − u (stored mod
 ∂θ'/∂θ = h'(u) and ∂log h'/∂θ = h''/h'(u). Plaquettes are gauge invariant, so the flow commutes
 with gauge transformations; with a base density uniform in the links, q is gauge invariant.
 
-With ``rectangles`` the conditioner also sees, on the active rows, the 1×2 Wilson loop
-R = P_active + P_passive made of the active plaquette and the other plaquette the updated link
-sits in (with coefficient −1 there). The link cancels in R, so R is unchanged by the coupling, and
-it carries what the active plaquette's conditional density needs: for the Wilson action,
-p(P_active | R, rest) ∝ exp(β cos P_active + β cos(R − P_active)).
+With ``loop_length`` n ≥ 2 the conditioner also sees, on the active rows, the 1×k Wilson loops
+(k = 2..n) that start at the active plaquette and extend across the updated link, through the
+passive plaquette (where the link enters with −1) and on in that direction. The link cancels in
+them, and they contain no other updated link for k ≤ 4 (the mask period), so they are unchanged
+by the coupling. They carry what the active plaquette's conditional density needs: for the
+Wilson action, p(P_active | R, rest) ∝ exp(β cos P_active + β cos(R − P_active)) with R the 1×2
+loop; the longer loops sum the rows that later couplings of the same direction will update.
 Cycling μ ∈ {0, 1} and k ∈ {0, 1, 2, 3} (mask period 4) covers every link.
 """
 
@@ -39,7 +41,7 @@ class PlaquetteCoupling(MaskedCoupling):
     """
 
     def __init__(self, lattice: tuple[int, int], mu: int, offset: int, n_mixture: int,
-                 hidden: list[int], kernel_size: int, activation: str, rectangles: bool = True):
+                 hidden: list[int], kernel_size: int, activation: str, loop_length: int = 2):
         nu = 1 - mu
         active = torch.zeros((2, *lattice), dtype=torch.bool)
         active[mu] = stripes(lattice, nu, offset, MASK_PERIOD)
@@ -61,20 +63,24 @@ class PlaquetteCoupling(MaskedCoupling):
                              persistent=False)
         # The passive plaquette is one row below the active one for μ = 0, one above for μ = 1.
         self.passive_shift = 1 if mu == 0 else -1
-        self.rectangles = rectangles
-        in_channels = 4 if rectangles else 2
+        if not 1 <= loop_length <= MASK_PERIOD:
+            raise ValueError(f"loop_length must be in 1..{MASK_PERIOD}, got {loop_length}")
+        self.loop_length = loop_length
+        in_channels = 2 * loop_length
         self.net = conv_net(2, in_channels, 2 * n_mixture + 1, hidden, kernel_size, activation)
 
     def condition(self, x: Tensor) -> NCPParams:
         """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes
-        (and (cos R, sin R) of the rectangles on the active rows)."""
+        and (cos, sin) of the 1×k loops (k = 2..loop_length) on the active rows."""
         plaq = plaquette(x)
-        features = torch.where(self.frozen_plaq, torch.stack([plaq.cos(), plaq.sin()], dim=1), 0.0)
-        if self.rectangles:
-            rect = plaq + torch.roll(plaq, self.passive_shift, dims=self.axis)
-            loops = torch.where(self.active_plaq, torch.stack([rect.cos(), rect.sin()], dim=1), 0.0)
-            features = torch.cat([features, loops], dim=1)
-        out = self.net(features)
+        features = [torch.where(self.frozen_plaq, torch.stack([plaq.cos(), plaq.sin()], dim=1),
+                                0.0)]
+        loop = plaq
+        for k in range(1, self.loop_length):
+            loop = loop + torch.roll(plaq, k * self.passive_shift, dims=self.axis)
+            features.append(torch.where(self.active_plaq,
+                                        torch.stack([loop.cos(), loop.sin()], dim=1), 0.0))
+        out = self.net(torch.cat(features, dim=1))
         out = out.index_select(self.axis + 1, self.plaq_rows)
         k = self.n_mixture
         return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
@@ -106,7 +112,7 @@ class PlaquetteCoupling(MaskedCoupling):
 
 def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: int = 6,
                    hidden: list[int] | None = None, kernel_size: int = 3,
-                   activation: str = "leaky_relu", rectangles: bool = True) -> Flow:
+                   activation: str = "leaky_relu", loop_length: int = 2) -> Flow:
     """Gauge-equivariant flow on a 2D lattice with extents divisible by 4.
 
     Coupling k updates direction μ = k mod 2. The stripes of a direction are visited in the order
@@ -121,7 +127,7 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
     hidden = [8, 8] if hidden is None else list(hidden)
     couplings = [
         PlaquetteCoupling(tuple(lattice), k % 2, (k // 2 if k % 2 else -(k // 2)) % MASK_PERIOD,
-                          n_mixture, hidden, kernel_size, activation, rectangles)
+                          n_mixture, hidden, kernel_size, activation, loop_length)
         for k in range(n_couplings)
     ]
     return Flow(UniformAnglePrior((2, *lattice)), couplings)
