@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from latticeflow import script_support as ss
 from latticeflow.errors import LatticeflowError
+from latticeflow.statistics import running_mean
 from latticeflow.training import read_metrics
 
 EXAMPLES = (
@@ -92,13 +93,6 @@ def report(curves: list[Curve]) -> str:
     return "\n".join(lines)
 
 
-def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
-    finite = np.isfinite(values)
-    kernel = np.ones(window)
-    total = np.convolve(np.where(finite, values, 0.0), kernel, "valid")
-    return total / np.maximum(np.convolve(finite.astype(float), kernel, "valid"), 1.0)
-
-
 def plot(curves: list[Curve], path: str, x: str) -> Path:
     """Loss (running mean) and ESS of every run against wall time (``x="time"``) or step."""
     figure = Figure(figsize=(8, 6), layout="constrained")
@@ -106,7 +100,7 @@ def plot(curves: list[Curve], path: str, x: str) -> Path:
     lows, highs = [], []
     for c in curves:
         window = max(1, min(LOSS_WINDOW, c.loss.size // 20))
-        smooth = _running_mean(c.loss, window)
+        smooth = running_mean(c.loss, window)
         xs = (c.wall_time if x == "time" else c.step)[window - 1:]
         line, = loss_ax.plot(xs, smooth, lw=1.3, label=c.label)
         if np.isfinite(smooth).any():

@@ -283,6 +283,18 @@ def _bins(data: ArrayLike, n_bins: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def running_mean(values: ArrayLike, window: int) -> np.ndarray:
+    """Means of the finite entries of each window of ``window`` consecutive values (``"valid"``
+    positions only: length N − window + 1); NaN where a window holds no finite value."""
+    v = np.asarray(values, dtype=float)
+    finite = np.isfinite(v)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(finite, v, 0.0), kernel, "valid")
+    count = np.convolve(finite.astype(float), kernel, "valid")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
+
+
 def ess(log_weights: ArrayLike) -> float:
     """Normalised effective sample size (Σw)² / (N Σw²) ∈ (0, 1], from log weights ``(N,)``.
 

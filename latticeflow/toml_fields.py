@@ -62,10 +62,9 @@ class Table:
             raise self.error(name, f"must be finite, got {value}")
         return value
 
-    def number(self, name: str, default: Any = ..., *, low: float | None = None,
-               high: float | None = None, low_open: bool = False) -> float:
-        """A finite float within [low, high] (or (low, high] with ``low_open``)."""
-        value = self.get(name, float, default)
+    def _in_range(self, name: str, value: Any, low: float | None, high: float | None,
+                  low_open: bool = False) -> Any:
+        """``value`` (None passes) if within [low, high] (or (low, high]), else a ConfigError."""
         if value is None:
             return value
         if low is not None and (value < low or (low_open and value == low)):
@@ -74,14 +73,15 @@ class Table:
             raise self.error(name, f"must be <= {high}, got {value}")
         return value
 
+    def number(self, name: str, default: Any = ..., *, low: float | None = None,
+               high: float | None = None, low_open: bool = False) -> float:
+        """A finite float within [low, high] (or (low, high] with ``low_open``)."""
+        return self._in_range(name, self.get(name, float, default), low, high, low_open)
+
     def integer(self, name: str, default: Any = ..., *, low: int | None = None,
                 high: int | None = None) -> int:
-        value = self.get(name, int, default)
-        if value is not None and low is not None and value < low:
-            raise self.error(name, f"must be >= {low}, got {value}")
-        if value is not None and high is not None and value > high:
-            raise self.error(name, f"must be <= {high}, got {value}")
-        return value
+        """An int within [low, high]."""
+        return self._in_range(name, self.get(name, int, default), low, high)
 
     def choice(self, name: str, options: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(name, str, default)

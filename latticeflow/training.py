@@ -103,7 +103,7 @@ from latticeflow.ensemble import read_ensemble
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import EstimatorOutput, get_estimator
 from latticeflow.flows import Flow, build_flow
-from latticeflow.statistics import ess
+from latticeflow.statistics import ess, running_mean
 from latticeflow.theories import Action, action_from_table
 
 log = logging.getLogger("latticeflow")
@@ -350,9 +350,7 @@ def plot_metrics(metrics: str | os.PathLike, out: str | os.PathLike, title: str 
     loss_ax.plot(step, loss, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
     window = max(1, len(loss) // 50)
     if window > 1 and np.isfinite(loss).sum() >= window:
-        kernel = np.ones(window) / window
-        smooth = np.convolve(np.nan_to_num(loss), kernel, "valid") / np.convolve(
-            np.isfinite(loss).astype(float), kernel, "valid")
+        smooth = running_mean(loss, window)
         loss_ax.plot(step[window - 1:], smooth, color="tab:blue", lw=1.5,
                      label=f"mean of {window} steps")
         loss_ax.legend(loc="upper right")

@@ -21,6 +21,7 @@ from latticeflow.statistics import (
     gamma_method,
     jackknife,
     reweighted_mean,
+    running_mean,
 )
 
 N_CHAINS = 400
@@ -247,3 +248,10 @@ def test_reweighted_mean_error_is_calibrated():
     pulls = np.array([(r.value - mu) / r.error for r in results])
     assert abs(np.mean(np.abs(pulls) < 1.0) - 0.683) < 0.07  # 3 binomial sd, as above
     assert abs(np.sqrt(np.mean(pulls**2)) - 1.0) < 0.12
+
+
+def test_running_mean_skips_non_finite_values():
+    values = [1.0, np.nan, 3.0, np.nan, np.nan, 6.0]
+    # windows of 2: [1, nan], [nan, 3], [3, nan], [nan, nan], [nan, 6]
+    np.testing.assert_allclose(running_mean(values, 2), [1.0, 3.0, 3.0, np.nan, 6.0])
+    np.testing.assert_allclose(running_mean(np.arange(5.0), 3), [1.0, 2.0, 3.0])
