@@ -489,6 +489,14 @@ class EnsembleWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def set_attributes(self, **attrs: Any) -> None:
+        """Write extra root attributes (numbers or strings; a scalar is rewritten in place
+        when it already exists with the same type) and flush. For run diagnostics such as the
+        proposal summary of neural MCMC; the schema's own attributes are not to be set here."""
+        for name, value in attrs.items():
+            self._file.attrs.modify(name, value)
+        self._file.flush()
+
 
 class EnsembleReader:
     """Read-only access to an ensemble; arrays are cut to ``n_complete`` rows.
