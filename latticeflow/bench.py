@@ -56,7 +56,8 @@ def perturbed_flow(theory: str, lattice: int, arch: dict, device, dtype, seed: i
     """A flow with small random weights (a fresh zero-initialised flow is the identity map, which
     would make numerical inversion artificially cheap)."""
     torch.manual_seed(seed)
-    flow = build_flow(theory, (lattice, lattice), arch).to(device=device, dtype=dtype)
+    flow = build_flow(theory, (lattice, lattice), arch, BENCH_ACTIONS[theory].params()
+                      ).to(device=device, dtype=dtype)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -22,7 +22,9 @@ Top level:
 empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
 ``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``loop_length`` int in 1..4
 (the conditioner also sees the 1×k loops, k = 2..loop_length, through the updated links;
-1 means plaquettes only; default 2), both U(1) only and rejected for φ⁴.
+1 means plaquettes only; default 2) and ``prior``: ``"plaquette"`` (default: independent von
+Mises plaquettes at the card's β, see ``flows/plaquette_prior.py``) or ``"uniform"`` (uniform
+links), all U(1) only and rejected for φ⁴.
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -68,6 +70,7 @@ from latticeflow.errors import ConfigError
 from latticeflow.estimators import ESTIMATORS, direction
 from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
 from latticeflow.flows.conditioner import ACTIVATIONS
+from latticeflow.flows.u1_equivariant import PRIORS as U1_PRIORS
 from latticeflow.theories import Action, action_from_table, load_action_card
 from latticeflow.toml_fields import Table, read_toml
 
@@ -262,7 +265,7 @@ def _lattice(top: Table, theory: str) -> tuple[int, ...]:
 
 def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[str, Any]:
     defaults = DEFAULT_ARCHITECTURE[theory]
-    for key in ("n_mixture", "loop_length"):
+    for key in ("n_mixture", "loop_length", "prior"):
         if theory != "u1" and table.has(key):
             raise table.error(key, "only applies to the u1 flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
@@ -283,6 +286,7 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["n_mixture"] = table.integer("n_mixture", defaults["n_mixture"], low=1)
         arch["loop_length"] = table.integer("loop_length", defaults["loop_length"], low=1,
                                             high=MASK_PERIOD)
+        arch["prior"] = table.choice("prior", U1_PRIORS, defaults["prior"])
     table.finish()
     return arch
 

@@ -52,6 +52,15 @@ def plaquette(links: Tensor) -> Tensor:
     return t0 + shift(t1, 0) - shift(t0, 1) - t1
 
 
+def plaquette_adjoint(g: Tensor) -> Tensor:
+    """The link gradient of a function of the plaquettes: ``g = ∂f/∂P(x)`` → ``∂f/∂θ_μ(x)``.
+
+    θ₀(x) enters P(x) with +1 and P(x−1̂) with −1; θ₁(x) enters P(x−0̂) with +1 and P(x) with −1.
+    ``g``: ``(batch, L0, L1)`` → ``(batch, 2, L0, L1)``.
+    """
+    return torch.stack([g - shift(g, 1, -1), shift(g, 0, -1) - g], dim=1)
+
+
 def wrap(angle: Tensor) -> Tensor:
     """Map angles to (−π, π]."""
     return torch.pi - torch.remainder(torch.pi - angle, 2 * torch.pi)

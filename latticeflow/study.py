@@ -100,7 +100,7 @@ class TheorySetup:
         """The initial flow of ``seed`` (leaves torch's global generator untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, _INIT))
-            flow = build_flow(self.name, self.lattice, self.architecture)
+            flow = build_flow(self.name, self.lattice, self.architecture, self.action.params())
         return flow.to(dtype=dtype)
 
     def describe(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +215,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
     recipe = recipe_from_dict(state["recipe"], source=str(path))
     device = device if isinstance(device, torch.device) else select_device(device or "auto")
     target = tuple(int(n) for n in (lattice if lattice is not None else state["lattice"]))
-    flow = _build(state["theory"], target, state["architecture"], path)
+    flow = _build(state["theory"], target, state["architecture"], state["action"], path)
     flow.to(device=device, dtype=select_dtype(state["dtype"]))
     _load_weights(flow, state["model"], path)
     return LoadedFlow(flow=flow.eval(), action=action_from_table(state["action"], str(path)),
@@ -224,9 +224,12 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
 
 
 def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
-           source: str | os.PathLike) -> Flow:
+           action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
+    if theory == "u1":
+        # U(1) checkpoints written before the ``prior`` key existed trained on uniform links.
+        architecture = {"prior": "uniform", **architecture}
     try:
-        return build_flow(theory, lattice, architecture)
+        return build_flow(theory, lattice, architecture, action_params)
     except (ValueError, TypeError) as exc:
         raise LatticeflowError(f"{source}: cannot build the {theory} flow on lattice "
                                f"{lattice}: {exc}") from None
@@ -493,7 +496,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derived_seed(recipe.seed, _INIT_STREAM))
             flow = _build(recipe.theory, recipe.lattice, recipe.architecture_dict(),
-                          recipe.source)
+                          recipe.action_card, recipe.source)
         self.flow = flow.to(device=self.device, dtype=self.dtype)
         self.estimator = get_estimator(self.config.estimator)
         self.reverse_term = get_estimator("reverse-fastpath")

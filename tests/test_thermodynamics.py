@@ -34,7 +34,7 @@ from latticeflow.theories import Action, Phi4, Phi4Hopping, U1Wilson, action_fro
 from latticeflow.training import load_checkpoint, open_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-U1_ARCH = {"n_couplings": 8, "n_mixture": 2, "hidden": [4], "kernel_size": 3}
+U1_ARCH = {"n_couplings": 8, "n_mixture": 2, "hidden": [4], "kernel_size": 3, "prior": "uniform"}
 PHI4_ARCH = {"n_couplings": 2, "hidden": [4], "kernel_size": 3}
 
 

@@ -27,6 +27,7 @@ from latticeflow.flows.conditioner import conv_net
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.ncp import TWO_PI, NCPParams, ncp, ncp_inverse
+from latticeflow.flows.plaquette_prior import PlaquettePrior
 from latticeflow.flows.priors import UniformAnglePrior
 from latticeflow.lattice import plaquette, stripes
 
@@ -110,10 +111,19 @@ class PlaquetteCoupling(MaskedCoupling):
         return x, self._to_links(torch.log(dh))
 
 
+PRIORS = ("uniform", "plaquette")
+
+
 def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: int = 6,
                    hidden: list[int] | None = None, kernel_size: int = 3,
-                   activation: str = "leaky_relu", loop_length: int = 2) -> Flow:
+                   activation: str = "leaky_relu", loop_length: int = 2,
+                   prior: str = "uniform", beta: float | None = None) -> Flow:
     """Gauge-equivariant flow on a 2D lattice with extents divisible by 4.
+
+    ``prior``: ``"uniform"`` (Haar: independent uniform links) or ``"plaquette"``
+    (:class:`~latticeflow.flows.plaquette_prior.PlaquettePrior`, independent von Mises plaquettes
+    of concentration ``beta``, the Wilson action's β; exact on an open lattice, so the couplings
+    only learn what the periodic boundary changes).
 
     Coupling k updates direction μ = k mod 2. The stripes of a direction are visited in the order
     that moves away from the passive plaquettes: an update changes its active plaquette row and,
@@ -125,9 +135,15 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
         raise ValueError(f"the U(1) flow needs a 2D lattice with extents divisible by "
                          f"{MASK_PERIOD}, got {lattice}")
     hidden = [8, 8] if hidden is None else list(hidden)
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
+    if prior == "plaquette" and beta is None:
+        raise ValueError("the plaquette prior needs the action's beta")
+    base = (UniformAnglePrior((2, *lattice)) if prior == "uniform"
+            else PlaquettePrior(tuple(lattice), beta))
     couplings = [
         PlaquetteCoupling(tuple(lattice), k % 2, (k // 2 if k % 2 else -(k // 2)) % MASK_PERIOD,
                           n_mixture, hidden, kernel_size, activation, loop_length)
         for k in range(n_couplings)
     ]
-    return Flow(UniformAnglePrior((2, *lattice)), couplings)
+    return Flow(base, couplings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latticeflow.lattice import plaquette, shift
+from latticeflow.lattice import plaquette, plaquette_adjoint
 from latticeflow.theories.base import Action
 
 
@@ -25,11 +25,7 @@ class U1Wilson(Action):
         return -self.beta * torch.cos(plaquette(x)).sum((1, 2))
 
     def force(self, x: Tensor) -> Tensor:
-        # θ₀(x) enters P(x) with +1 and P(x−1̂) with −1; θ₁(x) enters P(x−0̂) with +1, P(x) with −1.
-        sin_p = torch.sin(plaquette(x))
-        grad0 = sin_p - shift(sin_p, 1, -1)
-        grad1 = shift(sin_p, 0, -1) - sin_p
-        return -self.beta * torch.stack([grad0, grad1], dim=1)
+        return plaquette_adjoint(-self.beta * torch.sin(plaquette(x)))
 
     def field_shape(self, lattice: tuple[int, ...]) -> tuple[int, ...]:
         if len(lattice) != 2:
