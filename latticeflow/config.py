@@ -16,6 +16,11 @@ Top level:
 ``seed``     int >= 0, default 0: seeds weight initialisation and the training noise.
 ``device``   ``"auto"`` (default; CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 ``dtype``    ``"float32"`` (default) or ``"float64"``.
+``init_from`` path of another recipe (relative to this one), optional: a fresh run starts from
+             the weights that recipe's run trained (its run directory ``<dir>/<name>``), and
+             ``latticeflow run`` / ``train`` train that recipe first when it is not complete
+             (:mod:`latticeflow.chain`). Same theory and ``[flow]``; the lattice and the action
+             parameters may differ.
 
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
@@ -145,6 +150,7 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    init_from: str | None = None
     source: str = field(default="<recipe>", compare=False)
     base_dir: Path | None = field(default=None, compare=False)
 
@@ -160,6 +166,12 @@ class Recipe:
         """The architecture as plain keyword arguments of :func:`latticeflow.flows.build_flow`."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.architecture.items()}
 
+    def parent_recipe_path(self) -> Path | None:
+        """The recipe named by ``init_from``, resolved against this recipe's directory."""
+        if self.init_from is None:
+            return None
+        return ((self.base_dir or Path.cwd()) / self.init_from).resolve()
+
     def default_run_dir(self) -> Path:
         """``<recipe dir>/<name>`` (the current directory for recipes not read from a file)."""
         return (self.base_dir or Path.cwd()) / self.name
@@ -169,9 +181,10 @@ class Recipe:
         training = {k: v for k, v in vars(self.training).items() if v is not None}
         if self.training.data is not None:
             training["data"] = str(self.training.data)
+        chain = {} if self.init_from is None else {"init_from": self.init_from}
         return {
             "name": self.name, "action": dict(self.action_card), "lattice": list(self.lattice),
-            "seed": self.seed, "device": self.device, "dtype": self.dtype,
+            "seed": self.seed, "device": self.device, "dtype": self.dtype, **chain,
             "flow": self.architecture_dict(), "training": training,
             "sampling": dict(vars(self.sampling)), "analysis": dict(vars(self.analysis)),
         }
@@ -223,6 +236,7 @@ def _parse(data: dict[str, Any], source: str, base_dir: Path | None, *,
     if not _DEVICE_PATTERN.fullmatch(device):
         raise top.error("device", f"must be auto, cpu, cuda or cuda:N; got {device!r}")
     dtype = top.choice("dtype", DTYPE_NAMES, "float32")
+    init_from = _init_from(top, base_dir, source)
     architecture = _architecture(top.sub("flow"), action.theory, lattice)
     training = _training(top.sub("training"), base_dir, check_data)
     sampling = _sampling(top.sub("sampling"), seed)
@@ -231,7 +245,20 @@ def _parse(data: dict[str, Any], source: str, base_dir: Path | None, *,
     return Recipe(name=name, action_card=MappingProxyType(action.card()), lattice=lattice,
                   architecture=MappingProxyType(architecture), training=training,
                   sampling=sampling, analysis=analysis, seed=seed, device=device, dtype=dtype,
-                  source=source, base_dir=base_dir)
+                  init_from=init_from, source=source, base_dir=base_dir)
+
+
+def _init_from(top: Table, base_dir: Path | None, source: str) -> str | None:
+    if not top.has("init_from"):
+        return None
+    value = top.get("init_from", str)
+    if base_dir is not None:
+        path = (base_dir / value).resolve()
+        if not path.is_file():
+            raise top.error("init_from", f"recipe {path} not found")
+        if path == Path(source).resolve():
+            raise top.error("init_from", "names the recipe itself")
+    return value
 
 
 def _action(top: Table, base_dir: Path | None) -> Action:

@@ -9,6 +9,7 @@ import os
 import textwrap
 from pathlib import Path
 
+from latticeflow.chain import recipe_chain, train_ancestors
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=textwrap.dedent("""\
             examples:
               latticeflow run runs/quickstart.toml
-              latticeflow run runs/u1_beta2_L8.toml --device cuda"""),
+              latticeflow run runs/u1_beta2_L8.toml --device cuda
+              latticeflow run runs/u1_beta6_L8.toml   # trains β = 2, 3, 4, 5 first (init_from)"""),
     )
     parser.add_argument("recipe", type=Path, help="run recipe (TOML)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the recipe)")
@@ -94,8 +96,9 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
                                    f"over")
 
 
-def train_stage(recipe: Recipe, run_dir: Path, force: bool) -> str:
-    """Train, resume or skip; returns the sha256 of the final checkpoint."""
+def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str, str]) -> str:
+    """Train, resume or skip (first the ``init_from`` chain, see :mod:`latticeflow.chain`);
+    returns the sha256 of the final checkpoint. ``force`` restarts this recipe's link only."""
     checkpoint = run_dir / CHECKPOINT_NAME
     resume = False
     if checkpoint.exists() and not force:
@@ -104,8 +107,9 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool) -> str:
             log.info("[1/3] training: complete (%s, step %d)", checkpoint, state["step"])
             return digest
         resume = True
+    parent = None if resume else train_ancestors(recipe, overrides)
     log.info("[1/3] training %s%s", recipe.name, " (resuming)" if resume else "")
-    trainer = open_trainer(recipe, run_dir, resume=resume, force=force)
+    trainer = open_trainer(recipe, run_dir, resume=resume, force=force, init_from=parent)
     result = trainer.train()
     log.info("      final ESS %s, %.0f s", "n/a" if result.ess is None else f"{result.ess:.3f}",
              result.wall_time)
@@ -176,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.device is None else {"device": args.device}
     recipe = load_recipe(args.recipe, overrides)
     run_dir = args.out or recipe.default_run_dir()
+    recipe_chain(recipe, overrides)  # refuse a looping or inconsistent chain before any work
     preflight(recipe, run_dir, args.force)
-    digest = train_stage(recipe, run_dir, args.force)
+    digest = train_stage(recipe, run_dir, args.force, overrides)
     ensemble = sample_stage(recipe, run_dir, digest, args.force, args.device)
     record = analysis_stage(recipe, run_dir, ensemble)
     log.info("done. run directory %s:\n  checkpoint  %s\n  ensemble    %s\n  analysis    %s",

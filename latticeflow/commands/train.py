@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from latticeflow.chain import train_ancestors
 from latticeflow.config import load_recipe
 from latticeflow.distributed import distributed_session, label_logs
 from latticeflow.errors import LatticeflowError
@@ -58,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="start over, replacing an existing checkpoint, metrics and plot")
     parser.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                         help="start from the weights of another run (checkpoint file or run "
-                             "directory; same theory and architecture, any lattice size)")
+                             "directory; same theory and architecture, any lattice size); "
+                             "default: the run of the recipe's init_from, trained first if "
+                             "it is not complete")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is often fastest on "
                              "a busy machine)")
@@ -82,8 +85,15 @@ def run(args: argparse.Namespace) -> int:
     with distributed_session(recipe.device) as context:
         if context is not None:
             label_logs(context)
+        init_from = args.init_from
+        if init_from is None and recipe.init_from is not None and not args.resume:
+            if context is not None:
+                raise LatticeflowError(f"{args.recipe} starts from {recipe.init_from}: under "
+                                       f"torchrun train that chain first, or pass --init-from")
+            init_from = train_ancestors(recipe, {k: v for k, v in overrides.items()
+                                                 if k == "device"})
         trainer = open_trainer(recipe, args.out, resume=args.resume, force=args.force,
-                               init_from=args.init_from, distributed=context, tf32=args.tf32)
+                               init_from=init_from, distributed=context, tf32=args.tf32)
         if trainer.is_main:
             processes = "" if context is None else f" x {context.world_size} processes"
             log.info("training %s: %s on lattice %s, %s, %s on %s%s", recipe.name,

@@ -1,0 +1,87 @@
+"""Recipe chains: a recipe that starts from another recipe's trained flow (``init_from``).
+
+A chain such as ``u1_beta6_L8 → u1_beta5_L8 → … → u1_beta2_L8`` is resolved root first. Every
+link must train the same theory with the same ``[flow]`` (the weights move from link to link;
+the lattice and the action parameters may change), and no recipe may appear twice. Each parent
+trains in its own default run directory (``<recipe dir>/<name>``): a complete link is skipped,
+a partial one resumed, a missing one trained from its own parent's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from latticeflow.config import Recipe, load_recipe
+from latticeflow.errors import LatticeflowError
+from latticeflow.training import (
+    CHECKPOINT_NAME,
+    _resume_conflicts,
+    open_trainer,
+    read_checkpoint,
+)
+
+log = logging.getLogger("latticeflow")
+
+
+def recipe_chain(recipe: Recipe, overrides: dict[str, Any] | None = None) -> list[Recipe]:
+    """The ancestors of ``recipe`` named by ``init_from``, root first (``recipe`` excluded).
+
+    ``overrides`` (e.g. the device) apply to every ancestor. Raises a one-line
+    :class:`LatticeflowError` for a loop, a change of theory or a change of architecture.
+    """
+    ancestors: list[Recipe] = []
+    seen = [Path(recipe.source).resolve()]
+    child = recipe
+    while (parent_path := child.parent_recipe_path()) is not None:
+        if parent_path in seen:
+            loop = " → ".join(p.name for p in [*seen, parent_path])
+            raise LatticeflowError(f"{recipe.source}: the init_from chain loops ({loop})")
+        parent = load_recipe(parent_path, overrides)
+        if parent.theory != child.theory:
+            raise LatticeflowError(f"{child.source}: init_from {parent_path.name} changes the "
+                                   f"theory ({parent.theory} → {child.theory})")
+        if parent.architecture != child.architecture:
+            raise LatticeflowError(f"{child.source}: init_from {parent_path.name} has another "
+                                   f"[flow] architecture; a chain keeps the architecture")
+        seen.append(parent_path)
+        ancestors.insert(0, parent)
+        child = parent
+    return ancestors
+
+
+def _complete(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``recipe`` (another recipe's run is refused)."""
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return False
+    state, _ = read_checkpoint(checkpoint)
+    conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
+    if conflicts:
+        raise LatticeflowError(f"{checkpoint} was trained from another recipe than "
+                               f"{recipe.source} (differs in {'; '.join(conflicts)})")
+    return state["step"] >= recipe.training.steps
+
+
+def train_ancestors(recipe: Recipe, overrides: dict[str, Any] | None = None) -> Path | None:
+    """Train, resume or skip every ancestor of ``recipe``; the run directory of its parent.
+
+    ``None`` when the recipe names no ``init_from``.
+    """
+    parent_dir: Path | None = None
+    for link in recipe_chain(recipe, overrides):
+        run_dir = link.default_run_dir()
+        if _complete(run_dir, link):
+            log.info("chain: %s is trained (%s)", link.name, run_dir)
+        else:
+            resume = (run_dir / CHECKPOINT_NAME).exists()
+            log.info("chain: %s %s", "resuming" if resume else "training", link.name)
+            trainer = open_trainer(link, run_dir, resume=resume,
+                                   init_from=None if resume else parent_dir)
+            trainer.train()
+        parent_dir = run_dir
+    return parent_dir
+
+
+__all__ = ["recipe_chain", "train_ancestors"]
