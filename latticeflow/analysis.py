@@ -55,11 +55,11 @@ from latticeflow import observables as obs
 from latticeflow.ensemble import Ensemble, EnsembleMetadata, EnsembleReader
 from latticeflow.errors import LatticeflowError
 from latticeflow.lattice import plaquette
+from latticeflow.samplers.proposals import read_proposal_summary
 from latticeflow.statistics import (
     Estimate,
     GammaResult,
     ShortChainWarning,
-    ess,
     gamma_method,
     jackknife,
 )
@@ -79,6 +79,9 @@ HISTORY_LABELS = {
 _JACKKNIFE_BIN_TAUS = 6.0   # jackknife bins hold at least this many τ_int,max rows
 _MIN_GAMMA_ROWS = 4         # gamma_method needs 4 measurements per replica
 _Q_TOLERANCE = 1e-3         # allowed distance of a raw topological charge from an integer
+#: Pareto k̂ of the proposal weights above which an NMCMC ensemble is flagged as too
+#: heavy-tailed for Γ-method errors (the PSIS threshold of Vehtari et al.)
+PARETO_K_HEAVY = 0.7
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +192,11 @@ class AnalysisResult:
     ``chain_lengths``: rows per chain before thermalization; ``acceptance``: mean of
     ``/accepted`` over the analysed rows. ``histories[name]`` holds one array per chain with all
     of its rows (thermalization included; names in :data:`HISTORY_LABELS`). ``diagnostics``:
-    sampler checks (hmc: ``exp_minus_delta_H`` = <e^{−ΔH}>, 1 in equilibrium; nmcmc: ``ess``
-    of the importance weights, error NaN).
+    sampler checks (hmc: ``exp_minus_delta_H`` = <e^{−ΔH}>, 1 in equilibrium; nmcmc, from the
+    file's proposal attributes (:mod:`latticeflow.samplers.proposals`; none for an in-memory
+    ensemble or a file without them): ``proposal_ess``, ``pareto_k`` (when defined) and
+    ``nonfinite_proposals`` (when any), errors NaN: properties of all of the sampler's
+    proposals, not of the stored rows).
     """
 
     path: str
@@ -624,6 +630,8 @@ def jackknife_bins(n_kept: int, n_micro: int, tau_max: float, max_bins: int) -> 
 
 
 def _diagnostics(sampler: str, rows: RowSource, kept: list[np.ndarray]) -> dict[str, Estimate]:
+    """The HMC check of :class:`AnalysisResult` (the NMCMC ones: :func:`_proposal_diagnostics`,
+    read from the file's attributes once the file is closed)."""
     result: dict[str, Estimate] = {}
     if sampler == "hmc" and "delta_H" in rows.metadata.datasets:
         delta_h = rows.read("delta_H")
@@ -633,11 +641,25 @@ def _diagnostics(sampler: str, rows: RowSource, kept: list[np.ndarray]) -> dict[
         if all(len(s) >= _MIN_GAMMA_ROWS for s in series):
             gamma = gamma_observable("exp_minus_delta_H", series).gamma
             result["exp_minus_delta_H"] = Estimate(gamma.value, gamma.error)
-    if sampler == "nmcmc" and "log_weight" in rows.metadata.datasets:
-        log_weight = rows.read("log_weight")[np.concatenate(kept)]
-        finite = log_weight[np.isfinite(log_weight)]
-        if finite.size:
-            result["ess"] = Estimate(ess(finite), math.nan)
+    return result
+
+
+def _proposal_diagnostics(path: str) -> dict[str, Estimate]:
+    """The proposal ESS, Pareto k̂ and non-finite count recorded by the sampler (over all of
+    its proposals: the stored rows are states of p, not draws of q); warns when k̂ says the
+    weights are too heavy-tailed for the Γ-method errors to be trusted."""
+    summary = read_proposal_summary(path)
+    if summary is None:
+        return {}
+    result = {"proposal_ess": Estimate(summary.ess, math.nan)}
+    if summary.pareto_k is not None:
+        result["pareto_k"] = Estimate(summary.pareto_k, math.nan)
+        if summary.pareto_k > PARETO_K_HEAVY:
+            log.warning("%s: the proposal weights are heavy-tailed (Pareto k̂ = %.2f > %.1f): "
+                        "long rejection streaks make the Γ-method errors unreliable (likely too "
+                        "small); train the flow further", path, summary.pareto_k, PARETO_K_HEAVY)
+    if summary.nonfinite:
+        result["nonfinite_proposals"] = Estimate(float(summary.nonfinite), math.nan)
     return result
 
 
@@ -690,6 +712,8 @@ def analyse(
                 micro.add(start, binned)
         accepted = rows.read("accepted").astype(bool)
         diagnostics = _diagnostics(meta.sampler, rows, layout.kept)
+    if meta.sampler == "nmcmc" and not isinstance(source, Ensemble):
+        diagnostics.update(_proposal_diagnostics(where))
 
     columns = {name: np.concatenate(parts) for name, parts in per_row.items()}
     columns["action_density"] = stored_action / math.prod(meta.lattice)

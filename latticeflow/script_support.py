@@ -164,6 +164,10 @@ def parse_int_list(text: str, n: int, what: str) -> list[int]:
     return values
 
 
+_DIAGNOSTIC_LABELS = {"exp_minus_delta_H": "<exp(-ΔH)>", "proposal_ess": "proposal ESS",
+                      "pareto_k": "Pareto k̂", "nonfinite_proposals": "non-finite proposals"}
+
+
 def ensemble_header(result: AnalysisResult) -> str:
     """The lines describing an analysed ensemble (file, theory, rows, acceptance, checks)."""
     lattice = "×".join(str(n) for n in result.lattice)
@@ -174,8 +178,9 @@ def ensemble_header(result: AnalysisResult) -> str:
               + " rows" if result.n_chains > 1 else f"{result.n_total} rows")
     checks = [f"acceptance {result.acceptance:.4f}"]
     for name, estimate in result.diagnostics.items():
-        label = {"exp_minus_delta_H": "<exp(-ΔH)>", "ess": "ESS"}.get(name, name)
-        checks.append(f"{label} {format_value(estimate.value, estimate.error, 2)}")
+        label = _DIAGNOSTIC_LABELS.get(name, name)
+        error = estimate.error if math.isfinite(estimate.error) else None  # none: show none
+        checks.append(f"{label} {format_value(estimate.value, error, 2)}")
     lines = [
         f"ensemble    {result.path}",
         f"theory      {result.theory} ({params}) on {lattice}",

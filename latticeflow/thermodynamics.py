@@ -190,11 +190,14 @@ def reverse_bound(log_weight: ArrayLike) -> Estimate:
     return Estimate(float(lw.mean()), float(lw.std(ddof=1) / math.sqrt(lw.size)))
 
 
-def pareto_k(log_weight: ArrayLike) -> float | None:
+def pareto_k(log_weight: ArrayLike, size: int | None = None) -> float | None:
     """Tail index k̂ of the largest importance weights (the PSIS diagnostic of Vehtari et al.,
     arXiv:1507.02646): a generalized Pareto fit to the exceedances of the M = min(N/5, 3√N)
     largest weights over the next one, by the profile-likelihood quadrature of Zhang & Stephens
     (Technometrics 51 (2009) 316) with the weak prior of the PSIS reference code.
+
+    ``size``: N, when ``log_weight`` holds only the largest log weights of N draws (a running
+    tail); M is then also at most ``len(log_weight) − 1``. Default: ``len(log_weight)``.
 
     The weights have finite variance only for k < 1/2 and the estimate's error converges at the
     usual rate only then; for k̂ > 0.7 the sample is too heavy-tailed for the mean to be
@@ -203,7 +206,8 @@ def pareto_k(log_weight: ArrayLike) -> float | None:
     constant weights).
     """
     lw = np.sort(np.asarray(log_weight, dtype=float))
-    m = int(min(lw.size / 5, 3 * math.sqrt(lw.size)))
+    n = lw.size if size is None else size
+    m = int(min(n / 5, 3 * math.sqrt(n), lw.size - 1))
     if m < 5:
         return None
     top = lw[-1]

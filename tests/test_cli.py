@@ -788,3 +788,52 @@ def test_interrupt_train_writes_checkpoint(server: Server, lib: Path, tmp_path: 
     again = server.one("info long", tmp_path)
     assert f"{step + 2} of {step + 2}" in again.stdout, again
     assert len(metrics.read_text().splitlines()) == step + 3
+
+
+# ------------------------------------------------------------------------------ NMCMC diagnostics
+
+
+def test_sample_records_proposal_diagnostics(server: Server, lib: Path, tmp_path: Path) -> None:
+    """--rows (the spelling for torchrun) is --n; the summary line, the file's attributes,
+    `info` and the analysis header give the proposal ESS, k̂ and non-finite count."""
+    from latticeflow.analysis import analyse
+    from latticeflow.samplers.proposals import read_proposal_summary
+    from latticeflow.script_support import ensemble_header
+
+    shutil.copytree(lib / "phi4", tmp_path / "phi4")
+    argv = "sample phi4 --rows 40 --chunk 10 --batch-size 16 --out s.h5"
+    result = server.one(argv, tmp_path)
+    assert result.rc == 0, result
+    assert re.search(r"proposal ESS 0\.\d{3}, Pareto k̂ \S+, 0 non-finite of 40 proposals",
+                     result.stderr), result
+    summary = read_proposal_summary(tmp_path / "s.h5")
+    assert summary.proposals == 40 and summary.nonfinite == 0 and 0 < summary.ess <= 1
+    info = server.one("info s.h5", tmp_path)
+    assert info.rc == 0, info
+    assert re.search(rf"proposal ESS\s+{summary.ess:.4f}", info.stdout), info
+    assert re.search(r"non-finite proposals\s+0", info.stdout), info
+    header = ensemble_header(analyse(tmp_path / "s.h5"))
+    assert f"proposal ESS {summary.ess:.6g}" in header and "nan" not in header, header
+
+
+def test_sample_stops_on_non_finite_proposals(lib: Path, tmp_path: Path, monkeypatch,
+                                              capsys) -> None:
+    """A flow whose proposals are NaN: exit 2 with one line naming the checkpoint."""
+    from latticeflow import cli
+    from latticeflow.samplers.nmcmc import FlowMetropolis
+
+    propose = FlowMetropolis._propose
+
+    def broken(self):
+        batch = propose(self)
+        batch["log_q"][:] = float("nan")
+        return batch
+
+    monkeypatch.setattr(FlowMetropolis, "_propose", broken)
+    shutil.copytree(lib / "phi4", tmp_path / "phi4")
+    checkpoint = str(tmp_path / "phi4")
+    rc = cli.main(["sample", checkpoint, "--rows", "40", "--chunk", "10", "--batch-size", "16",
+                   "--out", str(tmp_path / "s.h5")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert checkpoint in lines[0] and "non-finite" in lines[0], lines

@@ -12,7 +12,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -27,6 +31,7 @@ from latticeflow.config import load_recipe
 from latticeflow.distributed import distributed_session, rank_seed, shard_path, split_rows
 from latticeflow.ensemble import EnsembleWriter, read_ensemble
 from latticeflow.errors import LatticeflowError
+from latticeflow.samplers.proposals import read_proposal_summary
 from latticeflow.training import Trainer, open_trainer, read_checkpoint, read_metrics
 
 BATCH = 6  # per rank
@@ -270,3 +275,35 @@ def test_joined_file_refuses_missing_shards_and_appending(setup) -> None:
     finally:
         moved.rename(shard_path(out, 1))
     assert len(read_ensemble(out)) == 48
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+
+def documented_sample_command() -> list[str]:
+    """The sharded-sampling command line of docs/gpu.md (continuation lines joined)."""
+    text = (Path(__file__).parents[1] / "docs" / "gpu.md").read_text()
+    start = text.index("torchrun --standalone --nproc_per_node=4 -m latticeflow.cli sample")
+    return shlex.split(text[start:text.index("```", start)].replace("\\\n", " "))
+
+
+def test_documented_torchrun_sample_command(tmp_path: Path) -> None:
+    """The documented command, through the real torchrun with 2 CPU processes: torchrun's
+    parser must leave the row count (--rows) to latticeflow."""
+    (tmp_path / "card.toml").write_text(CARD)
+    (tmp_path / "single.toml").write_text(BASE)
+    open_trainer(recipe(tmp_path, "single", {"training.steps": 1}), tmp_path / "run").train()
+    documented = documented_sample_command()
+    assert documented[documented.index("--rows") + 1] == "400000"
+    values = {"--nproc_per_node=4": "--nproc_per_node=2", "runs/phi4_L16": str(tmp_path / "run"),
+              "400000": "8", "phi4_L16.h5": str(tmp_path / "out.h5")}
+    argv = [values.get(word, word) for word in documented]
+    launcher = [shutil.which("torchrun") or sys.executable, *(
+        [] if shutil.which("torchrun") else ["-m", "torch.distributed.run"])]
+    proc = subprocess.run([*launcher, *argv[1:], "--device", "cpu", "--batch-size", "4",
+                           "--chunk", "4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    joined = read_ensemble(tmp_path / "out.h5")
+    assert len(joined) == 8 and set(joined["chain"]) == {0, 1, 2, 3}
+    assert read_proposal_summary(tmp_path / "out.h5").proposals == 8

@@ -12,6 +12,7 @@ import numpy as np
 
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
+from latticeflow.samplers.proposals import ProposalSummary, read_proposal_summary
 from latticeflow.training import CHECKPOINT_NAME, checkpoint_path, read_checkpoint
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -52,7 +53,18 @@ def ensemble_summary(path: Path) -> str:
     ]
     if meta.checkpoint_sha256:
         pairs.append(("checkpoint_sha256", meta.checkpoint_sha256))
+    proposals = read_proposal_summary(path)
+    if proposals is not None:
+        pairs += _proposal_pairs(proposals)
     return _lines(pairs)
+
+
+def _proposal_pairs(summary: ProposalSummary) -> list[tuple[str, object]]:
+    """The NMCMC proposal diagnostics (over all proposals, not the stored rows)."""
+    k = "n/a (too few proposals)" if summary.pareto_k is None else f"{summary.pareto_k:.3f}"
+    return [("proposals", summary.proposals),
+            ("proposal ESS", f"{summary.ess:.4f}"), ("proposal Pareto k", k),
+            ("non-finite proposals", summary.nonfinite)]
 
 
 def checkpoint_summary(path: Path) -> str:

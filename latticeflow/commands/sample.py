@@ -1,7 +1,8 @@
 """``latticeflow sample``: neural MCMC with a trained flow into an HDF5 ensemble.
 
-Sharded generation: under ``torchrun --nproc_per_node=K -m latticeflow.cli sample RUN --n N
---out FILE.h5`` every rank runs its own chains (``--chains`` per rank) into its own shard
+Sharded generation: under ``torchrun --nproc_per_node=K -m latticeflow.cli sample RUN --rows N
+--out FILE.h5`` (``--rows``: torchrun's parser takes ``--n`` for an abbreviation of its own
+options) every rank runs its own chains (``--chains`` per rank) into its own shard
 ``FILE.rank<r>.h5`` (:func:`latticeflow.distributed.shard_path`) with its own seed
 (:func:`latticeflow.distributed.rank_seed`; rank 0 keeps ``--seed``), the N rows split evenly
 over the ranks. Rows carry global chain indices (chain c of rank r is r·C + c in ``/chain``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,8 @@ from latticeflow.distributed import (
 from latticeflow.ensemble import SHARDS_ATTR, join_shards
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
-from latticeflow.samplers.nmcmc import FlowMetropolis
-from latticeflow.statistics import ess
+from latticeflow.samplers.nmcmc import FlowMetropolis, NonFiniteProposals
+from latticeflow.samplers.proposals import ProposalStats
 from latticeflow.theories.base import Action
 from latticeflow.training import checkpoint_path, load_checkpoint, tf32_mode
 
@@ -70,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
               latticeflow sample runs/phi4_L8 --lattice 16x16 --n 2000 --out phi4_L16.h5
               latticeflow sample runs/quickstart --n 20000 --resume
               torchrun --nproc_per_node=4 -m latticeflow.cli sample runs/phi4_L16 \\
-                  --n 400000 --out phi4_L16.h5     # shards phi4_L16.rank<r>.h5, joined"""),
+                  --rows 400000 --out phi4_L16.h5  # shards phi4_L16.rank<r>.h5, joined"""),
     )
     parser.add_argument("checkpoint", type=Path, help="run directory or checkpoint file")
     parser.add_argument("--out", type=Path,
@@ -204,24 +206,30 @@ def _sample(args: argparse.Namespace, context: DistributedContext | None) -> int
         compile_flow(loaded.flow, batch_size * chains)
 
     def summary(_):
-        lw = sampler.proposal_log_weights()
-        if len(lw) == 0:
+        if math.isnan(sampler.acceptance_rate):
             return "no new proposals"
-        return (f"acceptance {sampler.acceptance_rate:.3f}, proposal ESS {ess(lw):.3f} "
-                f"({len(lw)} proposals this session)")
+        return (f"acceptance {sampler.acceptance_rate:.3f} this session; "
+                f"{sampler.proposals.summary().describe()} (whole file)")
 
     with tf32_mode(False):
-        code = run_to_file(sampler, writer, rows[rank], args.chunk, summary)
+        try:
+            code = run_to_file(sampler, writer, rows[rank], args.chunk, summary)
+        except NonFiniteProposals as exc:
+            raise LatticeflowError(f"{args.checkpoint}: {exc}; {writer.n_complete} rows are "
+                                   f"in {target}") from None
     if context is None:
         return code
     barrier()  # every shard is complete and closed
     codes = gather_objects(code)
+    proposals = ProposalStats.combined(gather_objects(sampler.proposals))
     if context.is_main:
         joined = join_shards(
             out, [shard_path(out, r) for r in range(world)], seed=seed, force=True,
             sampler_params={**{k: v for k, v in params.items() if k != "rank"},
                             "n_chains": world * chains, "chains_per_shard": chains,
                             "shard_seeds": [rank_seed(seed, r) for r in range(world)]})
+        with h5py.File(out, "r+") as f:
+            f.attrs.update(proposals.summary().attributes())
         log.info("joined %d shards into %s: %d rows, chains 0..%d", world, out,
                  joined.n_complete, world * chains - 1)
     return max(codes)

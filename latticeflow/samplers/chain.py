@@ -12,6 +12,9 @@ Sampler protocol
     bit-for-bit like the sampler the state was taken from.
 ``rows_emitted: int`` (optional)
     rows returned so far; when present, :func:`run_chain` checks it against the file.
+``attributes() -> dict`` (optional)
+    root attributes describing the run so far (e.g. proposal diagnostics); when present,
+    :func:`run_chain` writes them after every committed chunk.
 
 Interruption: :func:`run_chain` catches ``KeyboardInterrupt``, stops after the last committed
 chunk and *returns* ``ChainResult(interrupted=True)``; the file is valid and can be resumed. A
@@ -111,6 +114,8 @@ def run_chain(sampler: Sampler, writer: EnsembleWriter, n_rows: int, chunk_rows:
             rows = sampler.advance(k)
             with _sigint_deferred():
                 writer.append(rows, sampler.state_dict())
+                if hasattr(sampler, "attributes"):
+                    writer.set_attributes(**sampler.attributes())
             n_accepted += int(np.count_nonzero(rows["accepted"]))
             bar.update(k)
             bar.set_postfix(acc=f"{n_accepted / (writer.n_complete - start):.3f}")

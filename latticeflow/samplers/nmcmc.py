@@ -6,6 +6,13 @@ batches on the flow's device; the accept/reject recursion then runs on the host 
 log-weights (one transfer per batch, never one per sample), and the chain configurations are
 gathered on the device. The chain state (configuration, S, log q) carries across batches.
 
+Non-finite log weights (S or log q infinite or NaN): such a proposal is never accepted, and a
+chain starts at its first proposal with a finite log weight (row 0 of every chain is its
+starting state, ``accepted`` true). They are counted with the other proposal statistics
+(:attr:`FlowMetropolis.proposals`, :mod:`latticeflow.samplers.proposals`), and a run in which
+they are more than a small fraction (:data:`NONFINITE_TOLERANCE`) stops with
+:class:`NonFiniteProposals`.
+
 Several chains: with ``n_chains = C`` every step proposes one configuration per chain; rows are
 written round-robin, row i belonging to chain ``i % C`` (the ensemble's ``/chain`` dataset).
 Proposals are drawn in batches of exactly ``batch_size`` steps whatever the caller's chunking,
@@ -21,8 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from latticeflow.errors import LatticeflowError
 from latticeflow.flows.flow import Flow
+from latticeflow.samplers.proposals import ProposalStats
 from latticeflow.theories.base import Action
+
+#: A run stops (:class:`NonFiniteProposals`) once more than ``NONFINITE_ALLOWANCE`` of its
+#: proposals, and more than this fraction of them, have a non-finite log weight.
+NONFINITE_TOLERANCE = 0.01
+NONFINITE_ALLOWANCE = 10
+_PROPOSALS = "proposals_"   # prefix of the proposal statistics in the resume state
 
 
 def independence_chain(log_weight: np.ndarray, log_u: np.ndarray, current: np.ndarray
@@ -30,21 +45,30 @@ def independence_chain(log_weight: np.ndarray, log_u: np.ndarray, current: np.nd
     """The Metropolis recursion for independence proposals.
 
     ``log_weight``, ``log_u``: ``(steps, chains)`` of the proposals and of uniform draws;
-    ``current``: ``(chains,)`` log-weight of the states before the first step. Returns the
-    accepted flags and, per step and chain, the index of the proposal that is the chain state
-    (−1: still the state carried in from before the batch).
+    ``current``: ``(chains,)`` log-weight of the states before the first step (−inf: no state
+    yet, so the first finite proposal is accepted). A proposal with a non-finite log weight
+    (±inf or NaN) is never accepted. Returns the accepted flags and, per step and chain, the
+    index of the proposal that is the chain state (−1: still the state carried in from before
+    the batch).
     """
     steps, chains = log_weight.shape
     state = np.full((steps, chains), -1, dtype=np.int64)
     accepted = np.zeros((steps, chains), dtype=bool)
+    finite = np.isfinite(log_weight)
     current = current.astype(np.float64).copy()
     index = np.full(chains, -1, dtype=np.int64)
-    for t in range(steps):
-        accept = log_u[t] < log_weight[t] - current
-        index = np.where(accept, t, index)
-        current = np.where(accept, log_weight[t], current)
-        state[t], accepted[t] = index, accept
+    with np.errstate(invalid="ignore"):  # −inf − (−inf) of a non-finite proposal: never taken
+        for t in range(steps):
+            accept = finite[t] & (log_u[t] < log_weight[t] - current)
+            index = np.where(accept, t, index)
+            current = np.where(accept, log_weight[t], current)
+            state[t], accepted[t] = index, accept
     return accepted, state
+
+
+class NonFiniteProposals(LatticeflowError):
+    """More than :data:`NONFINITE_TOLERANCE` of a run's proposals have a non-finite log
+    weight: the flow or the action is broken (the message says how many)."""
 
 
 class FlowMetropolis:
@@ -65,8 +89,8 @@ class FlowMetropolis:
         self.rows_emitted = 0
         self._pending: dict[str, Tensor] | None = None  # proposals drawn but not yet used
         self._state: dict[str, Tensor] | None = None    # (C, ...) current chain state
-        self._session_log_weights: list[np.ndarray] = []  # proposals used in this session
-        self._session_accepted = 0
+        self.proposals = ProposalStats()  # every proposal used, across resumes
+        self._session_rows = self._session_accepted = 0
 
     @torch.no_grad()
     def _propose(self) -> dict[str, Tensor]:
@@ -92,18 +116,62 @@ class FlowMetropolis:
 
     @torch.no_grad()
     def advance(self, k: int) -> dict[str, np.ndarray]:
-        """The next ``k`` rows (``k`` must be a multiple of ``n_chains``)."""
-        if k % self.n_chains:
-            raise ValueError(f"rows per call ({k}) must be a multiple of n_chains "
+        """The next ``k`` rows (``k`` must be a multiple of ``n_chains``).
+
+        Raises :class:`NonFiniteProposals` when too many proposals have a non-finite log weight.
+        """
+        if k < 1 or k % self.n_chains:
+            raise ValueError(f"rows per call ({k}) must be a positive multiple of n_chains "
                              f"({self.n_chains})")
-        steps, c = k // self.n_chains, self.n_chains
+        steps = k // self.n_chains
+        parts = []
+        if self._state is None:
+            self._state = self._start()
+            parts.append(self._rows(self._state, np.ones((1, self.n_chains), dtype=bool)))
+            steps -= 1
+        if steps:
+            parts.append(self._metropolis(steps))
+        out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        self.rows_emitted += k
+        self._session_rows += k
+        self._session_accepted += int(out["accepted"].sum())
+        return out
+
+    def _record(self, log_weight: np.ndarray) -> None:
+        """Add proposals' log weights to :attr:`proposals`; stop when too many are non-finite."""
+        self.proposals.add(log_weight)
+        bad, total = self.proposals.nonfinite, self.proposals.count
+        if bad > NONFINITE_ALLOWANCE and bad > NONFINITE_TOLERANCE * total:
+            raise NonFiniteProposals(
+                f"{bad} of {total} flow proposals have a non-finite log weight −S − log q "
+                f"(more than {NONFINITE_TOLERANCE:.0%}): the flow or the action gives inf or NaN")
+
+    def _start(self) -> dict[str, Tensor]:
+        """The first state of every chain: its first proposal with a finite log weight. Steps
+        of C proposals are drawn until every chain has one; in those steps the proposals of
+        chains that already have their state are discarded (they are independent of which
+        proposals are finite, so this biases nothing)."""
+        state: dict[str, Tensor] | None = None
+        started = torch.zeros(self.n_chains, dtype=torch.bool, device=self.device)
+        while not bool(started.all()):
+            prop = self._take(1)
+            prop.pop("log_u")
+            prop["log_weight"] = -prop["action"] - prop["log_q"]
+            self._record(prop["log_weight"].cpu().numpy())
+            new = torch.isfinite(prop["log_weight"]) & ~started
+            state = prop if state is None else {
+                key: torch.where(new.view(-1, *[1] * (v.dim() - 1)), prop[key], v)
+                for key, v in state.items()}
+            started |= new
+        return state
+
+    def _metropolis(self, steps: int) -> dict[str, np.ndarray]:
+        """Rows of ``steps`` Metropolis steps from the current chain states."""
+        c = self.n_chains
         prop = self._take(steps)
         prop["log_weight"] = -prop["action"] - prop["log_q"]
-        if self._state is None:  # the first proposal of each chain starts it
-            first = {key: v[:c] for key, v in prop.items() if key != "log_u"}
-            self._state = {key: torch.full_like(v, -math.inf) if key == "log_weight" else v
-                           for key, v in first.items()}
         host = torch.stack([prop["log_weight"], prop["log_u"]]).cpu().numpy()
+        self._record(host[0])
         current = self._state["log_weight"].cpu().numpy()
         accepted, state = independence_chain(host[0].reshape(steps, c),
                                              host[1].reshape(steps, c), current)
@@ -115,9 +183,11 @@ class FlowMetropolis:
         index = torch.where(flat < 0, carried, flat).reshape(-1)
         rows = {key: v.index_select(0, index) for key, v in pool.items()}
         self._state = {key: v[-c:] for key, v in rows.items()}
-        self.rows_emitted += k
-        self._session_log_weights.append(host[0])
-        self._session_accepted += int(accepted.sum())
+        return self._rows(rows, accepted)
+
+    def _rows(self, rows: dict[str, Tensor], accepted: np.ndarray) -> dict[str, np.ndarray]:
+        """The ensemble rows of chain states ``rows`` (steps × C, step-major) with their
+        ``accepted`` flags ``(steps, C)``."""
         out = {
             "configs": rows["x"].to(self.store_dtype).cpu().numpy(),
             "action": rows["action"].cpu().numpy(),
@@ -125,21 +195,20 @@ class FlowMetropolis:
             "log_q": rows["log_q"].cpu().numpy(),
             "log_weight": rows["log_weight"].cpu().numpy(),
         }
-        if c > 1:
-            out["chain"] = np.tile(np.arange(c, dtype=np.int32), steps)
+        if self.n_chains > 1:
+            out["chain"] = np.tile(np.arange(self.n_chains, dtype=np.int32), len(accepted))
         return out
-
-    def proposal_log_weights(self) -> np.ndarray:
-        """log w of the proposals used since this object was created (for the proposal ESS)."""
-        if not self._session_log_weights:
-            return np.zeros(0)
-        return np.concatenate(self._session_log_weights)
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted fraction of the proposals used since this object was created."""
-        n = sum(len(lw) for lw in self._session_log_weights)
-        return self._session_accepted / n if n else float("nan")
+        """Accepted fraction of the rows produced since this object was created."""
+        return self._session_accepted / self._session_rows if self._session_rows else math.nan
+
+    def attributes(self) -> dict[str, int | float]:
+        """Root attributes for the ensemble file: the proposal summary of
+        :mod:`latticeflow.samplers.proposals` (written with every chunk by
+        :func:`latticeflow.samplers.chain.run_chain`)."""
+        return self.proposals.summary().attributes()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {"generator": self.generator.get_state().numpy(),
@@ -147,6 +216,7 @@ class FlowMetropolis:
         for prefix, part in (("chain_", self._state), ("pending_", self._pending)):
             for key, v in (part or {}).items():
                 state[prefix + key] = v.cpu().numpy()
+        state.update(self.proposals.state_dict(_PROPOSALS))
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -161,3 +231,4 @@ class FlowMetropolis:
                     for k in keys}
 
         self._state, self._pending = part("chain_"), part("pending_")
+        self.proposals = ProposalStats.from_state_dict(state, _PROPOSALS)
