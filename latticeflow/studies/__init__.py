@@ -1,0 +1,1 @@
+"""Studies that compare samplers or estimators: ``freezing`` (HMC against neural MCMC across β)."""
