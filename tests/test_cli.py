@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -830,6 +831,9 @@ def test_sample_stops_on_non_finite_proposals(lib: Path, tmp_path: Path, monkeyp
         return batch
 
     monkeypatch.setattr(FlowMetropolis, "_propose", broken)
+    # In-process: drop root handlers that earlier in-process scripts bound to since-closed
+    # captured streams (logging.basicConfig in script_support.run_script).
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     shutil.copytree(lib / "phi4", tmp_path / "phi4")
     checkpoint = str(tmp_path / "phi4")
     rc = cli.main(["sample", checkpoint, "--rows", "40", "--chunk", "10", "--batch-size", "16",
