@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from latticeflow import __version__
+from latticeflow.console import StderrHandler, install_stderr_handler
 from latticeflow.errors import LatticeflowError
 
 COMMANDS = ("run", "train", "sample", "hmc", "info", "bench")
@@ -92,26 +93,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
 def setup_logging(level: int) -> None:
     """Messages of the ``latticeflow`` logger at ``level`` and above to stderr, bare.
 
     The handler sits on the root logger (where ``tqdm.contrib.logging`` redirects it around
     progress bars); other libraries keep the root's level (warnings), so ``-v`` adds only
     latticeflow's debug messages."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
-        root.removeHandler(handler)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
+    install_stderr_handler("%(message)s")
     log.setLevel(level)
 
 
@@ -135,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(line: str) -> None:
-    if any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers):
+    if any(isinstance(h, StderrHandler) for h in logging.getLogger().handlers):
         log.error(line)
     else:  # before logging was set up (e.g. Ctrl-C while starting)
         print(line, file=sys.stderr)

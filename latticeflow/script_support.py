@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from latticeflow.analysis import AnalysisResult, Comparison, ObservableResult, deviation
+from latticeflow.console import install_stderr_handler
 from latticeflow.errors import LatticeflowError
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERRUPTED = 0, 2, 130
@@ -56,8 +57,8 @@ def run_script(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespa
     """
     args = parser.parse_args(argv)
     level = (logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.WARNING)
-    logging.basicConfig(level=level, format=f"{parser.prog}: %(levelname)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    install_stderr_handler(f"{parser.prog}: %(levelname)s: %(message)s")
+    logging.getLogger().setLevel(level)
     try:
         return int(body(args) or EXIT_OK)
     except (LatticeflowError, OSError) as exc:
