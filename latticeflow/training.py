@@ -99,10 +99,11 @@ import latticeflow
 from latticeflow.config import Recipe, TrainingConfig, recipe_from_dict
 from latticeflow.device import select_device, select_dtype
 from latticeflow.distributed import DistributedContext, barrier, gather_objects, gather_rows
-from latticeflow.ensemble import read_ensemble
+from latticeflow.ensemble import read_ensemble, sync_folder
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import EstimatorOutput, get_estimator
 from latticeflow.flows import Flow, build_flow
+from latticeflow.locking import hold_run_dir, release_run_dir
 from latticeflow.statistics import ess, running_mean
 from latticeflow.theories import Action, action_from_table
 
@@ -243,14 +244,24 @@ def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path
                                f"({str(exc).splitlines()[0]})") from None
 
 
-def _atomic_save(state: dict[str, Any], path: Path) -> None:
+def _atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
+    """Write ``state`` to a temporary file, sync it to disk and rename it to ``path``; the
+    rename is synced too. A failed write (disk full, ...) leaves ``path`` as it was and raises
+    :class:`LatticeflowError`, whose message ends with ``kept`` (what remains, what to do)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+                " ".join(str(exc).split()))
+            raise LatticeflowError(f"{path}: writing the checkpoint failed ({reason}); "
+                                   f"{kept}") from None
+        sync_folder(path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -521,6 +532,7 @@ class Trainer:
         self.wall_time = 0.0
         self.checkpoint_step: int | None = None
         self._interrupt: _DeferredInterrupt | None = None
+        self._holds_run_dir = False
 
     # ------------------------------------------------------------------ ranks and paths
     @property
@@ -738,9 +750,16 @@ class Trainer:
                 "ess": self.last_ess, "ess_step": self.last_ess_step,
                 "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
                 "world_size": self.world_size,
-            }, self.checkpoint_file)
+            }, self.checkpoint_file, self._kept_message())
             log.debug("checkpoint at step %d: %s", self.step, self.checkpoint_file)
         self.checkpoint_step = self.step
+
+    def _kept_message(self) -> str:
+        """What a failed checkpoint write leaves, and what to do."""
+        if self.checkpoint_step is None:
+            return "no checkpoint of this run was written yet; free space, then train again"
+        return (f"the previous checkpoint (step {self.checkpoint_step}) is intact; free space, "
+                f"then `--resume`")
 
     def write_plot(self) -> None:
         lattice = "x".join(map(str, self.recipe.lattice))
@@ -754,8 +773,28 @@ class Trainer:
         Under DDP every rank calls it; rank 0 alone writes files, logs and shows progress.
         """
         total = self.config.steps
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main and not self._holds_run_dir:  # a new run directory: claim it now
+            self.hold_run_dir()
+            if self.checkpoint_step is None and self.checkpoint_file.exists():
+                raise LatticeflowError(f"{self.checkpoint_file} appeared while this run was "
+                                       f"starting; use --resume or --force")
+        try:
+            return self._train(total)
+        finally:
+            self.release_run_dir()
+
+    def hold_run_dir(self) -> None:
+        """Become the one process training in the run directory (created if missing), or raise
+        :class:`~latticeflow.locking.InUseError`; :meth:`train` lets go when it ends."""
+        hold_run_dir(self.run_dir)
+        self._holds_run_dir = True
+
+    def release_run_dir(self) -> None:
+        if self._holds_run_dir:
+            release_run_dir(self.run_dir)
+            self._holds_run_dir = False
+
+    def _train(self, total: int) -> TrainingResult:
         if self.step >= total and self.checkpoint_step == self.step:
             if self.is_main:
                 log.info("already at step %d of %d: nothing to train", self.step, total)
@@ -904,7 +943,29 @@ def open_trainer(recipe: Recipe, run_dir: str | os.PathLike | None = None, *,
     if run_dir.exists() and not run_dir.is_dir():
         raise LatticeflowError(f"output directory {run_dir} is a file")
     _check_creatable(run_dir)
-    trainer = Trainer(recipe, run_dir, device=device, distributed=distributed, tf32=tf32)
+    # An existing run directory is claimed before anything in it is read or deleted; a new one
+    # when training starts (Trainer.train).
+    claim = (distributed is None or distributed.is_main) and run_dir.is_dir()
+    if claim:
+        hold_run_dir(run_dir)
+    try:
+        trainer = Trainer(recipe, run_dir, device=device, distributed=distributed, tf32=tf32)
+        trainer._holds_run_dir = claim
+        _prepare_run_dir(trainer, resume=resume, force=force, init_from=init_from)
+    except BaseException:
+        if claim:
+            release_run_dir(run_dir)
+        raise
+    if distributed is not None:
+        barrier()  # every rank has read and checked the run directory before rank 0 writes
+    return trainer
+
+
+def _prepare_run_dir(trainer: Trainer, *, resume: bool, force: bool,
+                     init_from: str | os.PathLike | None) -> None:
+    """The start of :func:`open_trainer`'s run: weights from elsewhere, resumed, or the old
+    run's files removed (``force``)."""
+    run_dir = trainer.run_dir
     if init_from is not None:
         trainer.init_from(init_from)
     if resume:
@@ -917,9 +978,6 @@ def open_trainer(recipe: Recipe, run_dir: str | os.PathLike | None = None, *,
     elif (run_dir / METRICS_NAME).exists():
         raise LatticeflowError(f"{run_dir / METRICS_NAME} exists without a checkpoint; use "
                                f"--force to start over")
-    if distributed is not None:
-        barrier()  # every rank has read and checked the run directory before rank 0 writes
-    return trainer
 
 
 __all__ = ["CHECKPOINT_NAME", "LoadedFlow", "METRICS_NAME", "PLOT_NAME", "StepStats", "Trainer",

@@ -12,6 +12,7 @@ from typing import Any
 from latticeflow.cli import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.ensemble import EnsembleMetadata, EnsembleReader, EnsembleWriter
 from latticeflow.errors import LatticeflowError
+from latticeflow.locking import refuse_if_in_use
 from latticeflow.samplers.chain import ChainResult, load_resume_state, run_chain
 
 log = logging.getLogger("latticeflow")
@@ -70,11 +71,15 @@ def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], ch
     existing file otherwise).
 
     ``expected``: header fields (:class:`EnsembleMetadata` names) that a file to be resumed
-    must match; they are checked read-only, before the file is opened for writing.
+    must match; they are checked read-only, before the file is opened for writing. A file that
+    another latticeflow process is writing is refused first, whatever the mode
+    (:class:`~latticeflow.locking.InUseError`), and left untouched.
     """
     check_output_folder(out)
     if out.is_dir():
         raise LatticeflowError(f"{out}: is a directory; give a file name for the ensemble")
+    if out.exists():
+        refuse_if_in_use(out)
     if resume:
         if not out.exists():
             raise LatticeflowError(f"{out}: nothing to resume (no such file)")

@@ -42,6 +42,7 @@ def ensemble_summary(path: Path) -> str:
         meta = reader.metadata
         accepted = reader.read("accepted")
         chains = len(np.unique(reader.read("chain"))) if "chain" in meta.datasets else 1
+        writer = reader.writer_pid
     pairs: list[tuple[str, object]] = [
         ("file", path), ("kind", "latticeflow ensemble (format v1)"), ("theory", meta.theory),
         ("parameters", json.dumps(meta.action_params, sort_keys=True)),
@@ -53,6 +54,8 @@ def ensemble_summary(path: Path) -> str:
     ]
     if meta.checkpoint_sha256:
         pairs.append(("checkpoint_sha256", meta.checkpoint_sha256))
+    if writer is not None:
+        pairs.append(("being written", f"by pid {writer}; n_complete is as of now"))
     proposals = read_proposal_summary(path)
     if proposals is not None:
         pairs += _proposal_pairs(proposals)

@@ -13,6 +13,7 @@ from latticeflow.chain import recipe_chain, train_ancestors
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
+from latticeflow.locking import run_dir_held
 from latticeflow.training import (
     CHECKPOINT_NAME,
     _resume_conflicts,
@@ -182,9 +183,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.out or recipe.default_run_dir()
     recipe_chain(recipe, overrides)  # refuse a looping or inconsistent chain before any work
     preflight(recipe, run_dir, args.force)
-    digest = train_stage(recipe, run_dir, args.force, overrides)
-    ensemble = sample_stage(recipe, run_dir, digest, args.force, args.device)
-    record = analysis_stage(recipe, run_dir, ensemble)
+    with run_dir_held(run_dir):  # no other process trains here while this pipeline runs
+        digest = train_stage(recipe, run_dir, args.force, overrides)
+        ensemble = sample_stage(recipe, run_dir, digest, args.force, args.device)
+        record = analysis_stage(recipe, run_dir, ensemble)
     log.info("done. run directory %s:\n  checkpoint  %s\n  ensemble    %s\n  analysis    %s",
              run_dir, run_dir / CHECKPOINT_NAME, ensemble, record.parent)
     return 0

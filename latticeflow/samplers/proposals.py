@@ -27,9 +27,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 
+from latticeflow.ensemble import EnsembleReader
 from latticeflow.thermodynamics import pareto_k
 
 TAIL_CAPACITY = 2048
@@ -61,12 +61,12 @@ class ProposalSummary:
 
 def read_proposal_summary(path: str | os.PathLike) -> ProposalSummary | None:
     """The proposal attributes of an ensemble file; None when it has none (an HMC file or a
-    file written before they were recorded). Call it while no other handle of this process
-    has the file open (HDF5 refuses a second one opened with other file-locking flags)."""
-    with h5py.File(path, "r") as f:
-        if not all(name in f.attrs for name in ATTRIBUTES):
+    file written before they were recorded). Reads a file that is being written too (through
+    :class:`~latticeflow.ensemble.EnsembleReader`)."""
+    with EnsembleReader(path) as reader:
+        if not all(name in reader.attrs for name in ATTRIBUTES):
             return None
-        proposals, nonfinite, ess, k = (f.attrs[name] for name in ATTRIBUTES)
+        proposals, nonfinite, ess, k = (reader.attrs[name] for name in ATTRIBUTES)
     k = float(k)
     return ProposalSummary(int(proposals), int(nonfinite), float(ess),
                            None if math.isnan(k) else k)
