@@ -5,7 +5,8 @@ For every β it reads the recipe ``RUNS/u1_beta<β>_L<L>.toml`` and that recipe'
 (``latticeflow run`` the recipe first), draws an HMC and a neural-MCMC ensemble of equal sampling
 wall time, and reports χ_t = ⟨Q²⟩/V against the exact value, τ_int(Q²), the acceptance and the
 cost per independent Q² sample (wall seconds × 2τ_int / N) of both samplers. Writes
-``freezing.md``, ``freezing.json`` and ``freezing.png`` into ``--out``; the method is documented
+``freezing.md``, ``freezing.json``, ``freezing.png`` and the Q histories (``charges.npz``, arrays
+``<sampler>_beta<β>`` of shape (rows per chain, chains)) into ``--out``; the method is documented
 in ``latticeflow/studies/freezing.py``. ``--quick`` is a smoke test on tiny budgets.
 """
 
@@ -16,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from latticeflow import script_support as ss
 from latticeflow.errors import LatticeflowError
 from latticeflow.studies import freezing
@@ -24,7 +27,7 @@ EXAMPLES = (
     "python analysis/freezing.py --out docs/freezing",
     "python analysis/freezing.py --betas 2 4 6 --budget 120 --out out/freezing",
 )
-OUTPUTS = ("freezing.md", "freezing.json", "freezing.png")
+OUTPUTS = ("freezing.md", "freezing.json", "freezing.png", "charges.npz")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     ss.write_json(args.out / "freezing.json", {"settings": vars(settings),
                                                "rows": freezing.records(points)})
     freezing.plot(points, args.out / "freezing.png")
+    histories = {f"{name}_beta{point.beta:g}": q.astype(np.int16)
+                 for point in points for name, q in point.charges.items()}
+    np.savez_compressed(args.out / "charges.npz", **histories)
     print(table)
     print(f"wrote {', '.join(str(args.out / name) for name in OUTPUTS)}")
     return ss.EXIT_OK

@@ -713,9 +713,10 @@ class EnsembleWriter:
         """Stop all writes to the file after a failed one and close it: HDF5's descriptor is
         pointed at an anonymous memory file, so closing cannot write half a state to disk."""
         try:
-            memory = os.memfd_create("abandoned-ensemble")
-            os.dup2(memory, self._file.id.get_vfd_handle())
-            os.close(memory)
+            if hasattr(os, "memfd_create"):   # Linux; elsewhere HDF5 closes the file as it is
+                memory = os.memfd_create("abandoned-ensemble")
+                os.dup2(memory, self._file.id.get_vfd_handle())
+                os.close(memory)
         finally:
             self._handles.clear()
             try:

@@ -282,12 +282,17 @@ def markdown_table(points: Sequence[BetaPoint], lattice: tuple[int, int]) -> str
 
 def plot(points: Sequence[BetaPoint], path: str | Path) -> Path:
     """τ_int(Q²) and the cost per independent Q² sample against β (log scale, both samplers;
-    open markers are lower bounds), and at the largest β the Q history against sampling time
-    and the Q histogram of each sampler."""
+    open markers are lower bounds), and at the largest β the Q history of each sampler against
+    sampling time and their Q histograms."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 6.5), layout="constrained")
-    (tau_ax, cost_ax), (hist_ax, count_ax) = figure.subplots(2, 2)
+    figure = Figure(figsize=(9, 7), layout="constrained")
+    grid = figure.add_gridspec(2, 2)
+    tau_ax, cost_ax = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
+    history = grid[1, 0].subgridspec(2, 1, hspace=0.05)
+    history_axes = [figure.add_subplot(history[0])]
+    history_axes.append(figure.add_subplot(history[1], sharex=history_axes[0]))
+    count_ax = figure.add_subplot(grid[1, 1])
     styles = {"hmc": ("C0", "s", "HMC"), "nmcmc": ("C3", "o", "neural MCMC")}
     betas = [p.beta for p in points]
     for name, (color, marker, label) in styles.items():
@@ -306,17 +311,19 @@ def plot(points: Sequence[BetaPoint], path: str | Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     tau_ax.legend(title="open marker: lower bound", fontsize=8, title_fontsize=8)
     last = points[-1]
-    for name, (color, _, label) in styles.items():
+    for ax, (name, (color, _, label)) in zip(history_axes, styles.items(), strict=True):
         q = last.charges[name][:, 0]
         seconds = np.linspace(0, last.results[name].wall_s, len(q))
-        hist_ax.plot(seconds, q, lw=0.6, color=color, label=f"{label} (chain 0)")
+        ax.plot(seconds, q, lw=0.4, color=color, drawstyle="steps-post")
+        ax.set_ylabel("Q")
+        ax.text(0.01, 0.95, f"{label}, chain 0, β = {last.beta:g}", transform=ax.transAxes,
+                va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
         q_all = last.charges[name].ravel()
         edges = np.arange(q_all.min() - 0.5, q_all.max() + 1.5)
         count_ax.hist(q_all, bins=edges, density=True, histtype="step", lw=1.5, color=color,
                       label=label)
-    hist_ax.set_xlabel("sampling wall time [s]")
-    hist_ax.set_ylabel(f"Q at β = {last.beta:g}")
-    hist_ax.legend(fontsize=8, loc="upper right")
+    history_axes[0].tick_params(labelbottom=False)
+    history_axes[1].set_xlabel("sampling wall time [s]")
     count_ax.set_xlabel(f"Q at β = {last.beta:g}")
     count_ax.set_ylabel("frequency")
     count_ax.legend(fontsize=8)
