@@ -117,7 +117,7 @@ import torch
 
 import latticeflow
 from latticeflow.errors import LatticeflowError
-from latticeflow.locking import FileLock, InUseError, own_file, same_file
+from latticeflow.locking import FileLock, InUseError, lock_same_file, own_file
 
 FORMAT = "latticeflow-ensemble"
 FORMAT_VERSION = 1
@@ -868,26 +868,25 @@ class EnsembleReader:
         self.close()
 
 
+class _OwnWrite(Exception):
+    """This process writes the file it is about to read."""
+
+
+def _acquire_reading(lock: FileLock) -> None:
+    if _file_key(lock.fd) in _WRITING:
+        raise _OwnWrite
+    lock.acquire_reading()
+
+
 def _reading_lock(path: str | os.PathLike) -> FileLock | None:
     """A reader's shared commit lock on ``path`` (see "Locking"); None when this process
     writes the file itself (then HDF5 shares the writer's open file)."""
-    for _ in range(100):
-        try:
-            lock = FileLock.open(path, writable=False)
-        except FileNotFoundError:
-            raise _fail(path, "no such ensemble file") from None
-        if _file_key(lock.fd) in _WRITING:
-            lock.close()
-            return None
-        try:
-            lock.acquire_reading()
-        except BaseException:
-            lock.close()
-            raise
-        if same_file(lock, path):
-            return lock
-        lock.close()
-    raise LatticeflowError(f"{path}: keeps being replaced by another process")
+    try:
+        return lock_same_file(path, False, _acquire_reading)
+    except FileNotFoundError:
+        raise _fail(path, "no such ensemble file") from None
+    except _OwnWrite:
+        return None
 
 
 def join_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *, seed: int,

@@ -28,7 +28,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -184,13 +184,15 @@ def refuse_if_in_use(path: str | os.PathLike) -> None:
         lock.close()
 
 
-def own_file(path: str | os.PathLike) -> FileLock:
-    """Open ``path`` and become its one writer (:class:`InUseError` when another process is);
-    retried when the file is replaced between the open and the lock."""
+def lock_same_file(path: str | os.PathLike, writable: bool,
+                   acquire: Callable[[FileLock], None]) -> FileLock:
+    """Open ``path`` and take a lock on it with ``acquire(lock)``; retried when the file is
+    replaced between the open and the lock. Whatever ``acquire`` raises closes the file and
+    propagates."""
     for _ in range(100):
-        lock = FileLock.open(path, writable=True)
+        lock = FileLock.open(path, writable=writable)
         try:
-            lock.acquire_owner()
+            acquire(lock)
         except BaseException:
             lock.close()
             raise
@@ -198,6 +200,11 @@ def own_file(path: str | os.PathLike) -> FileLock:
             return lock
         lock.close()
     raise LatticeflowError(f"{path}: keeps being replaced by another process")
+
+
+def own_file(path: str | os.PathLike) -> FileLock:
+    """Open ``path`` and become its one writer (:class:`InUseError` when another process is)."""
+    return lock_same_file(path, True, FileLock.acquire_owner)
 
 
 # ------------------------------------------------------------------------- run directories

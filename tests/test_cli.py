@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from process_helpers import wait_for
 
 import latticeflow
 
@@ -705,17 +705,6 @@ def test_progress_bar_only_on_a_terminal(verbosity: dict[str, Result]) -> None:
 
 
 # ------------------------------------------------------------------------------ Ctrl-C
-
-
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"exited early ({proc.returncode}): {proc.communicate()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out: {proc.communicate()}")
-        time.sleep(0.1)
 
 
 def n_complete(path: Path) -> int:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from latticeflow.samplers.chain import run_chain
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.theories import Phi4, U1Wilson
 from tests.flow_helpers import random_flow
+from tests.process_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -196,17 +196,6 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(phi4_run: Path,
 
 
 # ------------------------------------------------------------------------------ two processes
-def wait_until(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"exited early ({proc.returncode}): {proc.communicate()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out: {proc.communicate()}")
-        time.sleep(0.1)
-
-
 def committed(path: Path) -> int:
     """Rows committed in a live ensemble (0 before it exists)."""
     if not path.exists():
@@ -226,7 +215,7 @@ def test_live_file_refuses_force_and_resume_and_serves_readers(hmc_reference: Pa
                               cwd=tmp_path, env=ENV, text=True, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until(lambda: committed(out) >= 100, writer)
+        wait_for(lambda: committed(out) >= 100, writer)
         with EnsembleReader(out) as held:  # the writer cannot commit while this is open
             assert held.writer_pid == writer.pid
             digest = sha256(out)
@@ -256,7 +245,7 @@ def test_busy_run_directory_refuses_a_second_trainer(phi4_run: Path, tmp_path: P
                                cwd=tmp_path, env=ENV, text=True, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_until(lock.exists, trainer)
+        wait_for(lock.exists, trainer)
         in_use = f"in use by another latticeflow process (pid {trainer.pid})"
         for argv in (["-q", "train", "long.toml", "--force"], ["-q", "run", "long.toml"]):
             assert_stopped(cli(argv, tmp_path), in_use)
