@@ -65,21 +65,24 @@ def test_rows_are_consistent(chains):
         np.testing.assert_array_equal(rows["chain"], np.tile(np.arange(chains), 120))
 
 
-def test_resume_reproduces_uninterrupted_run_whatever_the_chunking():
-    flow = random_flow("u1", (4, 4), seed=1)
-    target = FlowDensityAction(random_flow("u1", (4, 4), seed=5))
-
-    def fresh():
-        return FlowMetropolis(flow, target, seed=3, batch_size=64, n_chains=2)
-
-    whole = fresh().advance(400)
-    first = fresh()
+def run_with_resume(flow, target) -> tuple[dict[str, np.ndarray], FlowMetropolis]:
+    """400 rows (2 chains, batches of 64, seed 3) in uneven calls, resumed after 200 rows into
+    a sampler built with another seed; returns the joined rows and the resumed sampler."""
+    first = FlowMetropolis(flow, target, seed=3, batch_size=64, n_chains=2)
     part = [first.advance(130), first.advance(70)]
     second = FlowMetropolis(flow, target, seed=999, batch_size=64, n_chains=2)
     second.load_state_dict(first.state_dict())
     part += [second.advance(90), second.advance(110)]
+    return {key: np.concatenate([p[key] for p in part]) for key in part[0]}, second
+
+
+def test_resume_reproduces_uninterrupted_run_whatever_the_chunking():
+    flow = random_flow("u1", (4, 4), seed=1)
+    target = FlowDensityAction(random_flow("u1", (4, 4), seed=5))
+    whole = FlowMetropolis(flow, target, seed=3, batch_size=64, n_chains=2).advance(400)
+    rows, _ = run_with_resume(flow, target)
     for key in whole:
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in part]), whole[key])
+        np.testing.assert_array_equal(rows[key], whole[key])
 
 
 def test_poor_flow_still_gives_unbiased_expectations():
@@ -275,19 +278,13 @@ def test_resume_is_bit_identical_with_non_finite_proposals():
     target = FlowDensityAction(random_flow("u1", (4, 4), seed=5))
     positions = [0, 3, 127, 128, 300]   # chain 0 starts late; a batch boundary (64 × 2)
 
-    def fresh(poisoned):
-        return FlowMetropolis(poisoned, target, seed=3, batch_size=64, n_chains=2)
-
-    whole = fresh(PoisonedFlow(flow, positions, np.nan))
+    whole = FlowMetropolis(PoisonedFlow(flow, positions, np.nan), target, seed=3,
+                           batch_size=64, n_chains=2)
     expected = whole.advance(400)
-    poisoned = PoisonedFlow(flow, positions, np.nan)   # one stream, continued after resume
-    first = fresh(poisoned)
-    part = [first.advance(130), first.advance(70)]
-    second = FlowMetropolis(poisoned, target, seed=999, batch_size=64, n_chains=2)
-    second.load_state_dict(first.state_dict())
-    part += [second.advance(90), second.advance(110)]
+    # one poisoned stream, continued after the resume
+    rows, second = run_with_resume(PoisonedFlow(flow, positions, np.nan), target)
     for key in expected:
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in part]), expected[key])
+        np.testing.assert_array_equal(rows[key], expected[key])
     assert second.proposals.summary() == whole.proposals.summary()
     assert whole.proposals.nonfinite == len(positions) and whole.proposals.count == 402
 
