@@ -9,23 +9,23 @@ forward-standard (maximum likelihood) and forward-fastpath on fixed HMC sets of 
 KL on training and held-out data, forward ESS on the held-out set, reverse ESS.
 
 Writes OUT/results.md (tables), OUT/results.json (summaries and raw curves) and PNGs. Timing
-runs single-threaded (torch.set_num_threads(1)). The computations live in latticeflow.study.
+runs single-threaded (torch.set_num_threads(1)). The computations live in
+latticeflow.studies (estimators, estimator_runs, estimator_report).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from latticeflow import script_support as ss
-from latticeflow import study
-from latticeflow.errors import LatticeflowError
+from latticeflow.studies import estimators as study
+from latticeflow.studies.estimator_report import write_outputs
+from latticeflow.studies.estimator_runs import run_study
 
 ACTIONS_DIR = Path(__file__).resolve().parents[1] / "actions"
 EXAMPLES = (
@@ -64,31 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def study_config(args: argparse.Namespace) -> study.StudyConfig:
-    """The configuration asked for; LatticeflowError for impossible values."""
-    for option, count in (("--seeds", args.seeds), ("--forward-seeds", args.forward_seeds)):
-        if count is not None and count < 1:
-            raise LatticeflowError(f"{option} must be >= 1, got {count}")
-    for option, value in (("--budget", args.budget), ("--forward-budget", args.forward_budget)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise LatticeflowError(f"{option} must be a positive number of seconds, got {value}")
-    unknown = sorted(set(args.theories) - set(study.THEORY_CARDS))
-    if unknown:
-        raise LatticeflowError(f"unknown theory {', '.join(unknown)}; choose from "
-                               f"{', '.join(study.THEORY_CARDS)}")
-    base = replace(study.QUICK if args.quick else study.StudyConfig(), dtype=args.dtype)
-    return study.with_budgets(base, seeds=args.seeds, budget_s=args.budget,
-                              forward_seeds=args.forward_seeds,
-                              forward_budget_s=args.forward_budget)
-
-
 def run(args: argparse.Namespace) -> int:
-    config = study_config(args)
+    config = study.study_config(quick=args.quick, dtype=args.dtype, theories=args.theories,
+                                seeds=args.seeds, budget_s=args.budget,
+                                forward_seeds=args.forward_seeds,
+                                forward_budget_s=args.forward_budget)
     out = ss.check_output_dir(args.out)
     torch.set_num_threads(1)
     setups = {name: study.theory_setup(name, ACTIONS_DIR) for name in dict.fromkeys(args.theories)}
-    result = study.run_study(config, setups, logging.getLogger("estimator_study").info)
-    paths = study.write_outputs(result, out)
+    result = run_study(config, setups, logging.getLogger("estimator_study").info)
+    paths = write_outputs(result, out)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return ss.EXIT_OK

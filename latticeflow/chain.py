@@ -15,12 +15,8 @@ from typing import Any
 
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import (
-    CHECKPOINT_NAME,
-    _resume_conflicts,
-    open_trainer,
-    read_checkpoint,
-)
+from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
+from latticeflow.training.checkpoint import _resume_conflicts
 
 log = logging.getLogger("latticeflow")
 

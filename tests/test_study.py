@@ -15,8 +15,8 @@ import pytest
 import torch
 from flow_helpers import FlowDensityAction, random_flow
 
-from latticeflow import study
 from latticeflow.estimators import direction
+from latticeflow.studies import estimators as study
 
 ROOT = Path(__file__).resolve().parents[1]
 

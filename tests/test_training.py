@@ -217,7 +217,7 @@ def poisoned_estimator(bad_calls: set[int], gradient_only: bool = False):
 
 @pytest.mark.parametrize("gradient_only", [False, True])
 def test_non_finite_steps_are_skipped(tmp_path: Path, monkeypatch, gradient_only: bool) -> None:
-    monkeypatch.setattr("latticeflow.training.get_estimator",
+    monkeypatch.setattr("latticeflow.training.trainer.get_estimator",
                         poisoned_estimator({3, 4}, gradient_only))
     trainer = open_trainer(make_recipe(tmp_path, NAN_RECIPE), tmp_path / "run")
     result = trainer.train()
@@ -232,7 +232,7 @@ def test_non_finite_steps_are_skipped(tmp_path: Path, monkeypatch, gradient_only
 
 def test_repeated_failures_stop_and_keep_last_good_checkpoint(tmp_path: Path,
                                                               monkeypatch) -> None:
-    monkeypatch.setattr("latticeflow.training.get_estimator",
+    monkeypatch.setattr("latticeflow.training.trainer.get_estimator",
                         poisoned_estimator(set(range(5, 100))))
     trainer = open_trainer(make_recipe(tmp_path, NAN_RECIPE), tmp_path / "run")
     before = {}

@@ -14,12 +14,8 @@ from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import run_dir_held
-from latticeflow.training import (
-    CHECKPOINT_NAME,
-    _resume_conflicts,
-    open_trainer,
-    read_checkpoint,
-)
+from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
+from latticeflow.training.checkpoint import _resume_conflicts
 
 log = logging.getLogger("latticeflow")
 

@@ -1,7 +1,7 @@
 """``latticeflow train``: train a flow from a run recipe (``runs/*.toml``).
 
 Under ``torchrun`` (``torchrun --nproc_per_node=K -m latticeflow.cli train RECIPE``) the K
-processes train one flow data-parallel; see :mod:`latticeflow.training` and docs/gpu.md.
+processes train one flow data-parallel; see :mod:`latticeflow.training.trainer` and docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -1,1 +1,7 @@
-"""Studies that compare samplers or estimators: ``freezing`` (HMC against neural MCMC across β)."""
+"""Studies that compare samplers or estimators.
+
+* ``freezing``: HMC against neural MCMC across β (topological freezing of 2D U(1)).
+* The estimator study (``analysis/estimator_study.py``): ``estimators`` (what it measures, its
+  configuration and measurements), ``estimator_runs`` (the round-robin races and
+  ``run_study``) and ``estimator_report`` (summaries, tables, figures, JSON).
+"""
