@@ -55,8 +55,9 @@ class RunRecord:
     ``train_time``/``cpu_time``: seconds spent in training steps (wall clock / process CPU);
     ``step_time_median``: median wall seconds of one step. Reverse runs fill ``ess`` and the
     ``variance_*`` / ``mean_norm2_*`` lists of the :data:`VARIANCE_PROBES` (measured at
-    ``variance_steps``, see :class:`GradientVariance`); forward runs fill ``ess``,
-    ``forward_ess``, ``kl_train`` and ``kl_held_out`` (KL(p‖q) + log Z estimates).
+    ``variance_steps``, see :class:`~latticeflow.studies.estimators.GradientVariance`); forward
+    runs fill ``ess``, ``forward_ess``, ``kl_train`` and ``kl_held_out`` (KL(p‖q) + log Z
+    estimates).
     """
 
     estimator: str
