@@ -14,7 +14,8 @@ and chunked along N; only the first ``n_complete`` rows are valid (N > n_complet
 file left by a killed writer; :meth:`EnsembleWriter.resume` truncates them):
 
 * ``/configs``    ``(N, *field_shape)`` float32 or float64, gzip-compressed (+ shuffle) with
-  one row per HDF5 chunk (or lzf, or uncompressed with multi-row chunks; see crash safety);
+  one row per HDF5 chunk (or lzf, or uncompressed with multi-row chunks; see "Crash safety" in
+  :mod:`latticeflow.ensemble.chunks`);
 * ``/action``     ``(N,)`` float64, S of the stored configuration;
 * ``/accepted``   ``(N,)`` bool;
 * ``/log_q``, ``/log_weight``  ``(N,)`` float64, nmcmc only (log_weight = −S − log q);

@@ -15,7 +15,6 @@ with the ``n_complete`` rows committed when it opened it (reopen to see more), a
 commit waits while readers have the file open. (The writer also keeps HDF5's own file lock, so
 plain ``h5py.File(path)`` calls are refused while it writes; the reader opens with HDF5's locking
 off and relies on the commit lock instead.)
-
 """
 
 from __future__ import annotations
