@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latticeflow import analysis, plots
+from latticeflow import measure, plots
 from latticeflow import script_support as ss
 
 EXAMPLES = (
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = ss.check_output_dir(args.plots) if args.plots else None
-    result = analysis.analyse(args.ensemble, args.thermalization, correlators=False)
+    result = measure.analyse(args.ensemble, args.thermalization, correlators=False)
     print(ss.autocorrelation_report(result))
     if args.json:
         ss.write_json(args.json, ss.autocorrelation_record(result))

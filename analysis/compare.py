@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from latticeflow import analysis, plots
+from latticeflow import measure, plots
 from latticeflow import script_support as ss
 from latticeflow.errors import LatticeflowError
 
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise LatticeflowError(f"--labels: {len(labels)} labels for {n} ensembles")
     if args.plot:
         ss.check_output_dir(Path(args.plot).parent)
-    results = [analysis.analyse(path, k, correlators=False)
+    results = [measure.analyse(path, k, correlators=False)
                for path, k in zip(args.ensembles, thermalization, strict=True)]
-    comparison = analysis.compare(results, labels)
+    comparison = measure.compare(results, labels)
     print(ss.comparison_report(comparison))
     if args.json:
         ss.write_json(args.json, comparison.as_dict())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latticeflow import analysis, plots
+from latticeflow import measure, plots
 from latticeflow import script_support as ss
 
 EXAMPLES = (
@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     plot_dir = ss.check_output_dir(args.plots) if args.plots else None
-    result = analysis.analyse(args.ensemble, args.thermalization, wilson_max=args.wilson_max)
+    result = measure.analyse(args.ensemble, args.thermalization, wilson_max=args.wilson_max)
     print(ss.observables_report(result))
     if args.json:
-        ss.write_json(args.json, analysis.observables_record(result))
+        ss.write_json(args.json, measure.observables_record(result))
     if plot_dir is not None:
         for path in plots.standard_plots(result, plot_dir):
             print(f"wrote {path}")

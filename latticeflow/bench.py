@@ -1,9 +1,12 @@
 """Benchmarks of training steps and sampling: seconds, memory and their scaling with L.
 
-Times are medians over repeats after warm-up; the estimators are interleaved within every
-repeat so that slow drifts of a shared machine affect them alike. Memory is the peak device
-allocation on CUDA; on the CPU it is the size of the tensors autograd saves for the backward pass
-(activation memory, deduplicated by storage), which is what grows with lattice and batch size.
+Times are medians over repeats after warm-up, with their inter-quartile range; the estimators
+(and, with ``compile``, the eager and compiled variants) are interleaved within every repeat so
+that slow drifts of a shared machine affect them alike, and every ratio is one of medians
+measured in the same run. Compile time is measured on its own, before the repeats. Memory is the
+peak device allocation on CUDA; on the CPU it is the size of the tensors autograd saves for the
+backward pass (activation memory, deduplicated by storage), which is what grows with lattice and
+batch size.
 
 :func:`bench_scaling` repeats these measurements over lattice sizes L (L×L lattices) and batch
 sizes, adds neural-MCMC throughput per L, and :func:`fit_slope` fits the exponent a of
@@ -13,7 +16,6 @@ cost per sample ∝ L^a on a log-log scale (a = 2 is cost proportional to the vo
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from matplotlib.figure import Figure
 
 from latticeflow.estimators import ESTIMATORS, direction, get_estimator
 from latticeflow.flows import Flow, build_flow
+from latticeflow.flows.compile import compile_couplings
 from latticeflow.theories import Phi4, U1Wilson
 from latticeflow.theories.base import Action
 
@@ -36,8 +39,15 @@ BENCH_ACTIONS: dict[str, Action] = {"phi4": Phi4(-4.0, 8.0), "u1": U1Wilson(2.0)
 
 @dataclass
 class StepTiming:
-    """One estimator's training step on one setting: median seconds, ratio to the same
-    direction's standard estimator, and memory (see module docstring)."""
+    """One estimator's training step on one setting.
+
+    ``seconds``: median over the repeats; ``iqr``: their inter-quartile range; ``ratio``: median
+    over the median of the same direction's standard estimator, eager to eager and compiled to
+    compiled. Compiled rows (``compiled``) also carry ``compile_seconds``, the first call's
+    time minus the median step (graph capture and code generation), and ``speedup``, the eager
+    row's median over this one. ``memory_bytes``: see the module docstring (``-1`` where it is
+    not measured: saved-tensor hooks do not see inside compiled graphs).
+    """
 
     theory: str
     lattice: int
@@ -46,6 +56,10 @@ class StepTiming:
     seconds: float
     ratio: float
     memory_bytes: int
+    iqr: float = 0.0
+    compiled: bool = False
+    compile_seconds: float | None = None
+    speedup: float | None = None
 
     @property
     def seconds_per_sample(self) -> float:
@@ -106,42 +120,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """(median, inter-quartile range)."""
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q3 - q1)
+
+
 def bench_estimators(theory: str, lattice: int, batch: int, arch: dict, *, estimators=ESTIMATORS,
-                     repeats: int = 10, warmup: int = 2, device=None, dtype=torch.float32
-                     ) -> list[StepTiming]:
-    """Seconds per training step (median) and memory of each estimator, one setting."""
+                     repeats: int = 10, warmup: int = 2, device=None, dtype=torch.float32,
+                     compile: bool = False, backend: str = "inductor") -> list[StepTiming]:
+    """Seconds per training step (median and IQR) and memory of each estimator, one setting.
+
+    With ``compile`` a second flow with the same weights has its couplings compiled
+    (:func:`~latticeflow.flows.compile.compile_couplings`); its steps are timed first once
+    alone (compile time), then interleaved with the eager ones in every repeat.
+    """
     device = torch.device(device or "cpu")
-    flow = perturbed_flow(theory, lattice, arch, device, dtype)
+    variants = {False: perturbed_flow(theory, lattice, arch, device, dtype)}
+    if compile:
+        variants[True] = compile_couplings(perturbed_flow(theory, lattice, arch, device, dtype),
+                                           backend=backend)
     action = BENCH_ACTIONS[theory]
     with torch.no_grad():
-        data = flow.sample(batch)[0]
-    steps = {name: _training_step(flow, action, name, data) for name in estimators}
-    times: dict[str, list[float]] = {name: [] for name in estimators}
+        data = variants[False].sample(batch)[0]
+    steps = {(name, compiled): _training_step(flow, action, name, data)
+             for compiled, flow in variants.items() for name in estimators}
+    first_call: dict[tuple[str, bool], float] = {}
+    for key, step in steps.items():
+        if key[1]:
+            first_call[key] = _timed(step, device)
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
     for repeat in range(warmup + repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
+        for key, step in steps.items():
+            elapsed = _timed(step, device)
             if repeat >= warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+                times[key].append(elapsed)
+    stats = {key: _quartiles(t) for key, t in times.items()}
     results = []
-    for name in estimators:
-        reference = medians.get(f"{direction(name)}-standard", float("nan"))
-        results.append(StepTiming(theory, lattice, batch, name, medians[name],
-                                  medians[name] / reference, measure_memory(steps[name], device)))
+    for (name, compiled), (median, iqr) in stats.items():
+        reference = stats.get((f"{direction(name)}-standard", compiled), (math.nan,))[0]
+        memory = -1 if compiled else measure_memory(steps[name, compiled], device)
+        row = StepTiming(theory, lattice, batch, name, median, median / reference, memory, iqr,
+                         compiled)
+        if compiled:
+            row.compile_seconds = max(first_call[name, True] - median, 0.0)
+            row.speedup = stats[name, False][0] / median
+        results.append(row)
     return results
 
 
+def _timed(step, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def format_table(rows: list[StepTiming]) -> str:
-    """A fixed-width table of the timings, ratios relative to the same direction's standard."""
-    header = (f"{'theory':6} {'L':>3} {'B':>5} {'estimator':18} {'s/step':>9} "
-              f"{'ratio':>6} {'memory MiB':>11}")
+    """A fixed-width table: median and IQR in ms, the ratio to the same direction's standard
+    estimator (medians of one run), and for compiled rows the speed-up over eager and the
+    compile time."""
+    header = (f"{'theory':6} {'L':>3} {'B':>5} {'estimator':18} {'mode':8} {'median ms':>10} "
+              f"{'IQR ms':>8} {'ratio':>6} {'vs eager':>9} {'compile s':>10} "
+              f"{'memory MiB':>11}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        speedup = f"{r.speedup:9.2f}" if r.speedup is not None else f"{'':9}"
+        compile_s = (f"{r.compile_seconds:10.1f}" if r.compile_seconds is not None
+                     else f"{'':10}")
+        memory = f"{r.memory_bytes / 2**20:11.2f}" if r.memory_bytes >= 0 else f"{'-':>11}"
         lines.append(f"{r.theory:6} {r.lattice:3d} {r.batch:5d} {r.estimator:18} "
-                     f"{r.seconds:9.4f} {r.ratio:6.2f} {r.memory_bytes / 2**20:11.2f}")
+                     f"{'compiled' if r.compiled else 'eager':8} {1e3 * r.seconds:10.2f} "
+                     f"{1e3 * r.iqr:8.2f} {r.ratio:6.2f} {speedup} {compile_s} {memory}")
     return "\n".join(lines)
 
 

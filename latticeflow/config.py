@@ -50,6 +50,9 @@ links), all U(1) only and rejected for φ⁴.
 ``reverse_weight`` float in [0, 1], default 0, forward estimators only: the loss is
                    (1 − w)·forward + w·(reverse-fastpath term on base noise).
 ``max_bad_steps``  int >= 1, default 20: consecutive non-finite steps before training gives up.
+``compile``        bool, default false: compile the couplings' conditioners and elementwise maps
+                   with ``torch.compile`` (:mod:`latticeflow.flows.compile`); the same numbers
+                   to float round-off, checkpoints unchanged. ``latticeflow train --compile``.
 
 ``[sampling]`` (``latticeflow sample`` / ``run``): ``n`` int > 0 (10000), ``batch_size`` int > 0
 (1024), ``chunk`` int > 0 (1000, rows per ensemble append), ``chains`` int >= 1 (1), ``seed``
@@ -104,6 +107,7 @@ class TrainingConfig:
     data: Path | None = None
     reverse_weight: float = 0.0
     max_bad_steps: int = 20
+    compile: bool = False
 
     @property
     def direction(self) -> str:
@@ -341,6 +345,7 @@ def _training(table: Table, base_dir: Path | None, check_data: bool) -> Training
         "checkpoint_interval": _positive(table, "checkpoint_interval", d.checkpoint_interval),
         "reverse_weight": table.number("reverse_weight", d.reverse_weight, low=0.0, high=1.0),
         "max_bad_steps": _positive(table, "max_bad_steps", d.max_bad_steps),
+        "compile": table.get("compile", bool, d.compile),
     }
     data = table.get("data", str, None)
     if forward and data is None:

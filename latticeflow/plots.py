@@ -3,7 +3,7 @@ histories, autocorrelation ρ(t) and τ_int(W) with the chosen window, topologic
 histogram, φ⁴ correlators with the effective mass, Wilson loops and Creutz ratios, and the
 comparison of several ensembles.
 
-Every ``plot_*`` function takes results of :mod:`latticeflow.analysis`, writes one PNG to
+Every ``plot_*`` function takes results of :mod:`latticeflow.measure`, writes one PNG to
 ``path`` and returns the path. Lattice distances are in lattice units (a = 1); Monte Carlo time
 is the row index within a chain.
 """
@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from latticeflow.analysis import (
+from latticeflow.measure import (
     HISTORY_LABELS,
     AnalysisResult,
     Comparison,

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from latticeflow.analysis import AnalysisResult, Comparison, ObservableResult, deviation
 from latticeflow.console import install_stderr_handler
 from latticeflow.errors import LatticeflowError
+from latticeflow.measure import AnalysisResult, Comparison, ObservableResult, deviation
 
 EXIT_OK, EXIT_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 

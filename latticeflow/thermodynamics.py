@@ -430,7 +430,7 @@ def _abs_m(phi: Tensor) -> Tensor:
 
 
 def observables_for(theory: str) -> dict[str, Measurement]:
-    """Per-configuration observables to reweight, named as in :mod:`latticeflow.analysis`:
+    """Per-configuration observables to reweight, named as in :mod:`latticeflow.measure`:
     U(1) ``plaquette`` (mean cos P) and ``topological_charge_squared`` (Q rounded, squared);
     φ⁴ ``magnetization_squared`` (m²) and ``abs_magnetization`` (|m|), m = (1/V) Σ_x φ(x)."""
     if theory == "u1":

@@ -1,4 +1,4 @@
-"""Ensemble analysis (latticeflow.analysis, plots, script_support and analysis/*.py) on ensembles
+"""Ensemble analysis (latticeflow.measure, plots, script_support and analysis/*.py) on ensembles
 drawn from exactly known distributions: iid free-field samples (Cholesky of the exact
 covariance), uniform U(1) links (β = 0), constructed AR(1) chains, and a short real HMC run."""
 
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from latticeflow import analysis, exact, observables, plots
+from latticeflow import exact, observables, plots
+from latticeflow import measure as analysis
 from latticeflow import script_support as ss
 from latticeflow.ensemble import EnsembleWriter, read_ensemble
 from latticeflow.errors import LatticeflowError
@@ -372,7 +373,7 @@ def test_stored_action_mismatch_is_reported(tmp_path, caplog):
     phi = free_field_samples(lattice, 1.0, 40, seed=7)
     path = write_ensemble(tmp_path / "bad.h5", Phi4(1.0, 0.0), lattice, phi,
                           action_values=np.zeros(40))
-    with caplog.at_level(logging.WARNING, logger="latticeflow.analysis"):
+    with caplog.at_level(logging.WARNING, logger="latticeflow.measure"):
         analysis.analyse(path, correlators=False)
     assert "differs from S recomputed" in caplog.text
 

@@ -13,8 +13,8 @@ import torch
 
 from latticeflow import cli
 from latticeflow.bench import fit_slope
-from latticeflow.commands.sample import compile_flow
 from latticeflow.flows import build_flow
+from latticeflow.flows.compile import compile_forward
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.theories import Phi4
 from latticeflow.training import tf32_mode
@@ -83,7 +83,7 @@ def _chains(compile_backend: str | None) -> dict[str, np.ndarray]:
         for p in flow.parameters():
             p.add_(0.2 * torch.randn_like(p))
     if compile_backend is not None:
-        compile_flow(flow, 16, backend=compile_backend)
+        compile_forward(flow, 16, backend=compile_backend)
     sampler = FlowMetropolis(flow, Phi4(-1.0, 1.0), seed=5, batch_size=8, n_chains=2,
                              store_dtype=torch.float64)
     return sampler.advance(48)

@@ -54,7 +54,7 @@ import fcntl, importlib, json, os, signal, struct, sys, termios, time, traceback
 from latticeflow import cli
 for name in cli.COMMANDS:
     importlib.import_module("latticeflow.commands." + name)
-for name in ("latticeflow.analysis", "latticeflow.plots", "latticeflow.script_support",
+for name in ("latticeflow.measure", "latticeflow.plots", "latticeflow.script_support",
              "torch._dynamo"):  # torch._dynamo: imported by the first optimizer (~4 s)
     importlib.import_module(name)
 PARALLEL = 2
@@ -786,7 +786,7 @@ def test_interrupt_train_writes_checkpoint(server: Server, lib: Path, tmp_path: 
 def test_sample_records_proposal_diagnostics(server: Server, lib: Path, tmp_path: Path) -> None:
     """--rows (the spelling for torchrun) is --n; the summary line, the file's attributes,
     `info` and the analysis header give the proposal ESS, k̂ and non-finite count."""
-    from latticeflow.analysis import analyse
+    from latticeflow.measure import analyse
     from latticeflow.samplers.proposals import read_proposal_summary
     from latticeflow.script_support import ensemble_header
 

@@ -46,18 +46,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     est = kinds.add_parser(
         "estimators", help="seconds per training step of each estimator",
-        description="Median seconds per training step (loss + backward) of each estimator "
-                    "after warm-up, and memory.",
+        description="Median and inter-quartile range of the seconds per training step "
+                    "(loss + backward) of each estimator after warm-up, estimators interleaved "
+                    "within every repeat, and memory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             examples:
               latticeflow bench estimators --theory phi4 --lattice 8 16 --batch 64
+              latticeflow bench estimators --theory u1 --lattice 8 --batch 256 --compile
               latticeflow bench estimators --theory u1 --arch classic --lattice 16 \\
                   --estimator reverse-standard reverse-fastpath --threads 1 --json est.json"""))
     est.add_argument("--theory", nargs="+", choices=("phi4", "u1"), default=["phi4", "u1"])
     est.add_argument("--lattice", nargs="+", type=int, default=[8, 16], metavar="L")
     est.add_argument("--batch", nargs="+", type=int, default=[64, 256], metavar="B")
     est.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
+    est.add_argument("--compile", action="store_true",
+                     help="add rows for couplings compiled with torch.compile, interleaved with "
+                          "the eager ones (compile time reported separately)")
     _common_options(est, repeats=10, warmup=2)
     est.set_defaults(handler=run_estimators)
 
@@ -174,7 +179,8 @@ def run_estimators(args: argparse.Namespace) -> int:
                 log.info("%s L=%d B=%d %s", theory, lattice, batch, arch)
                 rows += bench_estimators(theory, lattice, batch, arch,
                                          estimators=args.estimator, repeats=args.repeats,
-                                         warmup=args.warmup, device=device, dtype=dtype)
+                                         warmup=args.warmup, device=device, dtype=dtype,
+                                         compile=args.compile)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"meta": _meta(args, device), "rows": as_records(rows)},

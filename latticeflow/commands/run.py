@@ -141,7 +141,7 @@ def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device
 
 
 def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
-    from latticeflow import analysis, plots, script_support  # slow imports, needed only here
+    from latticeflow import measure, plots, script_support  # slow imports, needed only here
 
     folder = run_dir / ANALYSIS_DIR
     record_path = folder / "observables.json"
@@ -157,14 +157,14 @@ def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
             pass
     log.info("[3/3] analysing %s", ensemble)
     folder.mkdir(parents=True, exist_ok=True)
-    result = analysis.analyse(ensemble, recipe.analysis.thermalization)
+    result = measure.analyse(ensemble, recipe.analysis.thermalization)
     report = script_support.observables_report(result)
     (folder / "observables.txt").write_text(report + "\n")
     print(report)
     if recipe.analysis.plots:
         for path in plots.standard_plots(result, folder, autocorrelation=True):
             log.info("      wrote %s", path)
-    script_support.write_json(record_path, {**analysis.observables_record(result), "source": key})
+    script_support.write_json(record_path, {**measure.observables_record(result), "source": key})
     return record_path
 
 

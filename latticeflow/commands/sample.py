@@ -23,7 +23,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from latticeflow.commands._chainfile import (
     add_output_options,
@@ -47,6 +46,7 @@ from latticeflow.distributed import (
 from latticeflow.ensemble import SHARDS_ATTR, join_shards
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
+from latticeflow.flows.compile import compile_forward
 from latticeflow.samplers.nmcmc import FlowMetropolis, NonFiniteProposals
 from latticeflow.samplers.proposals import ProposalStats
 from latticeflow.theories.base import Action
@@ -107,23 +107,6 @@ class ShardMetropolis(FlowMetropolis):
         local = rows.get("chain", np.zeros(k, dtype=np.int32))
         rows["chain"] = (local + self.chain_offset).astype(np.int32)
         return rows
-
-
-def compile_flow(flow: Flow, batch: int, backend: str = "inductor") -> None:
-    """Compile ``flow``'s forward (z → x, log q) in place with ``torch.compile`` for batches of
-    ``batch`` (static shapes), and compile it now, on a throw-away batch, rather than inside the
-    first proposal batch. Raises :class:`LatticeflowError` when compiling is not possible here.
-    """
-    if not hasattr(torch, "compile"):
-        raise LatticeflowError(f"--compile: torch {torch.__version__} has no torch.compile")
-    flow.compile(backend=backend, dynamic=False)
-    device = next(flow.parameters()).device
-    try:
-        with torch.no_grad():
-            flow.sample(batch, generator=torch.Generator(device=device).manual_seed(0))
-    except Exception as exc:  # Dynamo and Inductor fail with many exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LatticeflowError(f"--compile: torch.compile failed here ({first})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +186,7 @@ def _sample(args: argparse.Namespace, context: DistributedContext | None) -> int
                                **options))
     # `latticeflow run` calls this command with a namespace that predates --compile.
     if getattr(args, "compile", False):
-        compile_flow(loaded.flow, batch_size * chains)
+        compile_forward(loaded.flow, batch_size * chains)
 
     def summary(_):
         if math.isnan(sampler.acceptance_rate):

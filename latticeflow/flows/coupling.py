@@ -13,9 +13,11 @@ Score recursion (DESIGN §4). With s_x = ∇_x log q(x) and y = T(x),
 
 and the bracket is one vector–Jacobian product, of Σ y_A·sg(s_{y,A}) + ℓ with respect to x,
 restricted to F. Subclasses give ∂ℓ/∂x_A in closed form (``dlog_deriv``) so that one input-only
-VJP per layer suffices. The reverse direction, s_x = Jᵀ s_y + ∇_x ℓ, is the same VJP taken at
-the inverted point; it drives the forward-KL fast path (DESIGN §4: the pull-back p♯ is sampled by
-inverting data, and its score comes out of the inversion pass).
+VJP per layer suffices; it is taken with s_{y,A} as the output gradient of y (no product node is
+recorded), and the detached score itself is computed without recording a graph. The reverse
+direction, s_x = Jᵀ s_y + ∇_x ℓ, is the same VJP taken at the inverted point; it drives the
+forward-KL fast path (DESIGN §4: the pull-back p♯ is sampled by inverting data, and its score
+comes out of the inversion pass).
 """
 
 from __future__ import annotations
@@ -94,13 +96,12 @@ class MaskedCoupling(nn.Module):
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             u = self.transform(x, self.condition(x), need_dlog=True)
-            if u.dlog_deriv is not None:
-                score_x = score_x - u.dlog_deriv
-            score_active = score_x * torch.exp(-u.log_deriv)
-            score_active = torch.where(self.active, score_active, 0.0).detach()
-            (vjp,) = torch.autograd.grad(
-                (u.y * score_active).sum() + u.log_deriv.sum(), x, retain_graph=True
-            )
+            with torch.no_grad():  # the score is detached: record no graph for it
+                if u.dlog_deriv is not None:
+                    score_x = score_x - u.dlog_deriv
+                score_active = torch.where(self.active, score_x * torch.exp(-u.log_deriv), 0.0)
+            (vjp,) = torch.autograd.grad((u.y, u.log_deriv.sum()), x,
+                                         grad_outputs=(score_active, None), retain_graph=True)
         score_y = torch.where(self.active, score_active, score_x - vjp)
         return u.y, _sum_sites(u.log_deriv), score_y
 
@@ -120,7 +121,7 @@ class MaskedCoupling(nn.Module):
             u = self.transform(torch.where(self.active, probe, y), cond)
             score_active = torch.where(self.active, score_y, 0.0).detach()
             grad_active, grad_frozen = torch.autograd.grad(
-                (u.y * score_active).sum() + u.log_deriv.sum(), (probe, y), retain_graph=True
-            )
+                (u.y, u.log_deriv.sum()), (probe, y), grad_outputs=(score_active, None),
+                retain_graph=True)
         score_x = torch.where(self.active, grad_active, score_y + grad_frozen)
         return x, -_sum_sites(log_deriv), score_x

@@ -40,7 +40,10 @@ class NCPParams:
 
 
 def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``."""
+    """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``.
+
+    h'' is returned without a graph: it only enters the fast path's detached score.
+    """
     a = torch.exp(p.log_scale)
     cos_u = torch.cos(u).unsqueeze(1)
     sin_u = torch.sin(u).unsqueeze(1)
@@ -52,8 +55,9 @@ def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tens
     dh = (p.weights * dg).sum(1)
     if not need_second:
         return h, dh, None
-    d2g = a * (1 - a2) * sin_u / (2 * denom * denom)
-    return h, dh, (p.weights * d2g).sum(1)
+    with torch.no_grad():
+        d2g = a * (1 - a2) * sin_u / (2 * denom * denom)
+        return h, dh, (p.weights * d2g).sum(1)
 
 
 def ncp_inverse(v: Tensor, p: NCPParams) -> tuple[Tensor, Tensor, Tensor]:

@@ -54,34 +54,37 @@ class PlaquetteCoupling(MaskedCoupling):
         lag = 0 if mu == 0 else 1
         n = lattice[nu]
         rows = (MASK_PERIOD * torch.arange(n // MASK_PERIOD) + offset - lag) % n
-        link_rows = (torch.arange(n) - offset) % n // MASK_PERIOD
         self.register_buffer("plaq_rows", rows, persistent=False)
-        self.register_buffer("link_rows", link_rows, persistent=False)
+        # The updated links' rows, in the order of their active plaquette rows.
+        self.register_buffer("link_rows", (MASK_PERIOD * torch.arange(n // MASK_PERIOD) + offset)
+                             % n, persistent=False)
         frozen = stripes(lattice, nu, offset + 1, MASK_PERIOD) | stripes(
             lattice, nu, offset + 2, MASK_PERIOD)
-        self.register_buffer("frozen_plaq", frozen, persistent=False)
-        self.register_buffer("active_plaq", stripes(lattice, nu, offset - lag, MASK_PERIOD),
-                             persistent=False)
+        active_plaq = stripes(lattice, nu, offset - lag, MASK_PERIOD)
         # The passive plaquette is one row below the active one for μ = 0, one above for μ = 1.
         self.passive_shift = 1 if mu == 0 else -1
         if not 1 <= loop_length <= MASK_PERIOD:
             raise ValueError(f"loop_length must be in 1..{MASK_PERIOD}, got {loop_length}")
         self.loop_length = loop_length
         in_channels = 2 * loop_length
+        # Per input channel: frozen plaquettes for (cos P, sin P), active rows for the loops.
+        self.register_buffer("feature_mask", torch.stack(
+            [frozen, frozen] + [active_plaq] * (in_channels - 2)), persistent=False)
         self.net = conv_net(2, in_channels, 2 * n_mixture + 1, hidden, kernel_size, activation)
 
     def condition(self, x: Tensor) -> NCPParams:
         """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes
         and (cos, sin) of the 1×k loops (k = 2..loop_length) on the active rows."""
         plaq = plaquette(x)
-        features = [torch.where(self.frozen_plaq, torch.stack([plaq.cos(), plaq.sin()], dim=1),
-                                0.0)]
-        loop = plaq
+        angles, loop = [plaq], plaq
         for k in range(1, self.loop_length):
             loop = loop + torch.roll(plaq, k * self.passive_shift, dims=self.axis)
-            features.append(torch.where(self.active_plaq,
-                                        torch.stack([loop.cos(), loop.sin()], dim=1), 0.0))
-        out = self.net(torch.cat(features, dim=1))
+            angles.append(loop)
+        angles = torch.stack(angles, dim=1)
+        # Channels (cos P, sin P, cos L₂, sin L₂, ...), each kept where it is read.
+        features = torch.stack([angles.cos(), angles.sin()], dim=2).flatten(1, 2)
+        features = torch.where(self.feature_mask, features, 0.0)
+        out = self.net(features)
         out = out.index_select(self.axis + 1, self.plaq_rows)
         k = self.n_mixture
         return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
@@ -92,10 +95,10 @@ class PlaquetteCoupling(MaskedCoupling):
 
     def _to_links(self, rows: Tensor) -> Tensor:
         """Place a quantity on the active plaquette rows onto the updated links (zero elsewhere)."""
-        on_link = rows.index_select(self.axis, self.link_rows)
-        zero = torch.zeros_like(on_link)
-        both = torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
-        return torch.where(self.active, both, 0.0)
+        shape = (rows.shape[0], *self.active.shape[1:])
+        on_link = torch.index_copy(rows.new_zeros(shape), self.axis, self.link_rows, rows)
+        zero = rows.new_zeros(shape)
+        return torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
 
     def transform(self, x: Tensor, cond: NCPParams, need_dlog: bool = False
                   ) -> ElementwiseUpdate:

@@ -1,0 +1,43 @@
+"""HDF5 ensemble files (schema v1 of DESIGN §6): append-only writer and validating reader.
+
+What lives where
+----------------
+* :mod:`~latticeflow.ensemble.schema`: the format (layout, resume state), format constants and
+  storage types, :class:`EnsembleMetadata`, :class:`Ensemble`, :func:`row_datasets`, and the
+  validation of a file's header;
+* :mod:`~latticeflow.ensemble.storage`: opening, publishing and syncing files, the write
+  errors (:class:`DiskSpaceError`, :class:`EnsembleWriteError`) and file ownership ("Locking");
+* :mod:`~latticeflow.ensemble.writer`: :class:`EnsembleWriter` (create, resume, append, close);
+* :mod:`~latticeflow.ensemble.chunks`: how a chunk is committed ("Crash safety",
+  "Durability") and the resume-state entries;
+* :mod:`~latticeflow.ensemble.reader`: :class:`EnsembleReader`, :func:`read_ensemble`;
+* :mod:`~latticeflow.ensemble.shards`: :func:`join_shards` ("Joined shards").
+"""
+
+from latticeflow.ensemble.reader import EnsembleReader, read_ensemble
+from latticeflow.ensemble.schema import (
+    CHAIN_DATASET,
+    COMMON_DATASETS,
+    FORMAT,
+    FORMAT_VERSION,
+    LENGTH_ATTR,
+    RESUME_GROUP,
+    RESUME_SLOTS,
+    ROW_DTYPES,
+    SAMPLER_DATASETS,
+    SAMPLERS,
+    SHARDS_ATTR,
+    Ensemble,
+    EnsembleMetadata,
+    row_datasets,
+)
+from latticeflow.ensemble.shards import join_shards
+from latticeflow.ensemble.storage import DiskSpaceError, EnsembleWriteError, sync_folder
+from latticeflow.ensemble.writer import EnsembleWriter
+
+__all__ = [
+    "CHAIN_DATASET", "COMMON_DATASETS", "FORMAT", "FORMAT_VERSION", "LENGTH_ATTR", "RESUME_GROUP",
+    "RESUME_SLOTS", "ROW_DTYPES", "SAMPLERS", "SAMPLER_DATASETS", "SHARDS_ATTR",
+    "DiskSpaceError", "Ensemble", "EnsembleMetadata", "EnsembleReader", "EnsembleWriteError",
+    "EnsembleWriter", "join_shards", "read_ensemble", "row_datasets", "sync_folder",
+]
