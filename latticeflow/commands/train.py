@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tf32", action="store_true",
                         help="let float32 matmuls and convolutions use TF32 on CUDA during "
                              "training (faster on Ampere and later; sampling never uses it)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the couplings with torch.compile (recipe key "
+                             "training.compile); compile time is logged before the first step "
+                             "and not counted in the training time")
     parser.set_defaults(handler=run)
 
 
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["training.steps"] = args.steps
     if args.device is not None:
         overrides["device"] = args.device
+    if args.compile:
+        overrides["training.compile"] = True
     recipe = load_recipe(args.recipe, overrides)
     if args.threads is not None:
         if args.threads < 1:

@@ -41,7 +41,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 #: Recipe keys that may change when resuming (they do not alter the training trajectory).
 RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval",
                      "training.ess_batch", "training.checkpoint_interval",
-                     "training.max_bad_steps")
+                     "training.max_bad_steps", "training.compile")
 _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",

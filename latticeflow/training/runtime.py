@@ -1,5 +1,6 @@
 """What a training run works under: float32 precision on CUDA (:func:`tf32_mode`, which sampling
-uses too) and Ctrl-C that finishes the current step first (:class:`_DeferredInterrupt`).
+uses too), compiled couplings built before the first step (:func:`warm_up_compiled`), and Ctrl-C
+that finishes the current step first (:class:`_DeferredInterrupt`).
 
 Precision: float32 convolutions and matmuls run in full IEEE precision unless the trainer is
 built with ``tf32=True`` (``latticeflow train --tf32``); see :func:`tf32_mode`.
@@ -10,11 +11,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from latticeflow.training.trainer import Trainer
 
 log = logging.getLogger("latticeflow")
 
@@ -34,6 +39,33 @@ def tf32_mode(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def warm_up_compiled(trainer: Trainer, seed: int) -> float:
+    """Run one training step and the ESS sampling of ``trainer`` on throw-away batches (drawn
+    from a generator seeded with ``seed``), so that its compiled graphs are built before the
+    first step; returns and logs the seconds. Compile time is so never counted in the training
+    time, and no training stream is touched: the gradients are discarded and the trainer's
+    generator is restored."""
+    started = time.perf_counter()
+    generator = torch.Generator(device=trainer.device)
+    generator.manual_seed(seed)
+    config, saved = trainer.config, trainer.generator
+    trainer.generator = generator
+    try:
+        trainer.flow.train()
+        trainer.backward(*trainer.draw_batch())
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.flow.eval()
+        with torch.no_grad():
+            for n in {config.batch_size, config.ess_batch % config.batch_size} - {0}:
+                trainer.flow.sample(n, generator=generator)
+    finally:
+        trainer.generator = saved
+    seconds = time.perf_counter() - started
+    if trainer.is_main:
+        log.info("compiled the couplings in %.1f s (not counted in the training time)", seconds)
+    return seconds
 
 
 class _DeferredInterrupt:
@@ -60,4 +92,4 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-__all__ = ["tf32_mode"]
+__all__ = ["tf32_mode", "warm_up_compiled"]

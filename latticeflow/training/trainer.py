@@ -75,6 +75,7 @@ from latticeflow.device import select_device, select_dtype
 from latticeflow.distributed import DistributedContext, gather_objects, gather_rows
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
+from latticeflow.flows.compile import compile_couplings
 from latticeflow.locking import hold_run_dir, release_run_dir
 from latticeflow.statistics import ess
 from latticeflow.training.checkpoint import (
@@ -100,12 +101,12 @@ from latticeflow.training.metrics import (
     _truncate_metrics,
     plot_metrics,
 )
-from latticeflow.training.runtime import _DeferredInterrupt, tf32_mode
+from latticeflow.training.runtime import _DeferredInterrupt, tf32_mode, warm_up_compiled
 from latticeflow.training.schedule import lr_factor
 
 log = logging.getLogger("latticeflow")
 
-_INIT_STREAM, _TRAIN_STREAM, _ESS_STREAM = 0, 1, 2
+_INIT_STREAM, _TRAIN_STREAM, _ESS_STREAM, _COMPILE_STREAM = 0, 1, 2, 3
 
 
 class TrainingDiverged(LatticeflowError):
@@ -166,6 +167,9 @@ class Trainer:
             flow = _build(recipe.theory, recipe.lattice, recipe.architecture_dict(),
                           recipe.action_card, recipe.source)
         self.flow = flow.to(device=self.device, dtype=self.dtype)
+        if self.config.compile:
+            compile_couplings(self.flow)
+        self.compile_seconds: float | None = None
         self.estimator = get_estimator(self.config.estimator)
         self.reverse_term = get_estimator("reverse-fastpath")
         self.data = (load_training_data(recipe, self.action, self.device, self.dtype)
@@ -406,6 +410,9 @@ class Trainer:
                 log.info("already at step %d of %d: nothing to train", self.step, total)
             return self._result()
         with tf32_mode(self.tf32), ExitStack() as stack:
+            if self.config.compile and self.compile_seconds is None:
+                self.compile_seconds = warm_up_compiled(
+                    self, _derived_seed(self.recipe.seed, _COMPILE_STREAM))
             if self.step == 0 and self.last_ess is None and self.is_main:
                 log.info("initial ESS: %.4f", self.measure_ess())
             self._interrupt = stack.enter_context(_DeferredInterrupt())
