@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
                "silu": nn.SiLU}
 
 
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 class _CircularPad(torch.autograd.Function):
-    """Periodic padding of the trailing ``ndim`` axes by ``p`` sites on each side.
+    """Periodic padding of the tensor axes ``axes`` by ``p`` sites on each side.
 
     The backward folds the halo back onto the interior with a few slice additions (autograd's
     generic slice backward would zero-fill a full-size tensor for every slice).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, p: int, ndim: int) -> Tensor:
-        ctx.p, ctx.ndim = p, ndim
-        for axis in range(x.dim() - ndim, x.dim()):
+    def forward(ctx, x: Tensor, p: int, axes: tuple[int, ...]) -> Tensor:
+        ctx.p, ctx.axes = p, axes
+        for axis in axes:
             n = x.shape[axis]
             x = torch.cat([x.narrow(axis, n - p, p), x, x.narrow(axis, 0, p)], dim=axis)
         return x
@@ -27,7 +31,7 @@ class _CircularPad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         p = ctx.p
-        for axis in range(grad.dim() - ctx.ndim, grad.dim()):
+        for axis in ctx.axes:
             n = grad.shape[axis] - 2 * p
             inner = grad.narrow(axis, p, n).clone()
             inner.narrow(axis, n - p, p).add_(grad.narrow(axis, 0, p))
@@ -37,7 +41,11 @@ class _CircularPad(torch.autograd.Function):
 
 
 class PeriodicConv(nn.Module):
-    """A convolution over a periodic ``ndim``-dimensional lattice (odd kernel, same size out)."""
+    """A convolution over a periodic ``ndim``-dimensional lattice (odd kernel, same size out).
+
+    :meth:`at_rows` evaluates it only on chosen rows of one axis (the same numbers as the full
+    output's rows, at a fraction of the cost).
+    """
 
     def __init__(self, ndim: int, c_in: int, c_out: int, kernel_size: int):
         super().__init__()
@@ -48,8 +56,26 @@ class PeriodicConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pad:
-            x = _CircularPad.apply(x, self.pad, self.ndim)
+            x = _CircularPad.apply(x, self.pad, tuple(range(x.dim() - self.ndim, x.dim())))
         return self.conv(x)
+
+    def windows(self, rows: Tensor, extent: int) -> Tensor:
+        """The input rows that output ``rows`` (of an axis of length ``extent``) read: for each
+        row r, r − p … r + p (mod extent), concatenated; the argument of :meth:`at_rows`."""
+        reach = torch.arange(-self.pad, self.pad + 1, device=rows.device)
+        return ((rows[:, None] + reach) % extent).flatten()
+
+    def at_rows(self, x: Tensor, axis: int, windows: Tensor) -> Tensor:
+        """``self(x).index_select(axis, rows)`` for ``windows = self.windows(rows, ...)``: the
+        input windows are gathered and convolved with stride k along ``axis``, so only the
+        wanted rows are computed."""
+        x = x.index_select(axis, windows)
+        others = tuple(a for a in range(x.dim() - self.ndim, x.dim()) if a != axis)
+        if self.pad:
+            x = _CircularPad.apply(x, self.pad, others)
+        stride = [1] * self.ndim
+        stride[axis - (x.dim() - self.ndim)] = self.conv.kernel_size[0]
+        return _CONVOLUTIONS[self.ndim](x, self.conv.weight, self.conv.bias, stride=stride)
 
 
 def conv_net(

@@ -37,8 +37,8 @@ MASK_PERIOD = 4
 class PlaquetteCoupling(MaskedCoupling):
     """Updates links θ_mu with x_{1−mu} ≡ offset (mod 4) through NCP maps of their plaquettes.
 
-    The NCP maps are evaluated only on the active plaquette rows (a quarter of the lattice),
-    gathered with ``index_select`` along the stripe axis.
+    The NCP maps, and the conditioner's last layer, are evaluated only on the active plaquette
+    rows (a quarter of the lattice), gathered with ``index_select`` along the stripe axis.
     """
 
     def __init__(self, lattice: tuple[int, int], mu: int, offset: int, n_mixture: int,
@@ -71,6 +71,8 @@ class PlaquetteCoupling(MaskedCoupling):
         self.register_buffer("feature_mask", torch.stack(
             [frozen, frozen] + [active_plaq] * (in_channels - 2)), persistent=False)
         self.net = conv_net(2, in_channels, 2 * n_mixture + 1, hidden, kernel_size, activation)
+        # The last layer is evaluated on the active plaquette rows only (a quarter of the sites).
+        self.register_buffer("plaq_windows", self.net[-1].windows(rows, n), persistent=False)
 
     def condition(self, x: Tensor) -> NCPParams:
         """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes
@@ -84,8 +86,7 @@ class PlaquetteCoupling(MaskedCoupling):
         # Channels (cos P, sin P, cos L₂, sin L₂, ...), each kept where it is read.
         features = torch.stack([angles.cos(), angles.sin()], dim=2).flatten(1, 2)
         features = torch.where(self.feature_mask, features, 0.0)
-        out = self.net(features)
-        out = out.index_select(self.axis + 1, self.plaq_rows)
+        out = self.net[-1].at_rows(self.net[:-1](features), self.axis + 1, self.plaq_windows)
         k = self.n_mixture
         return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
 
