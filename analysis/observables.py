@@ -13,11 +13,13 @@ import sys
 
 from latticeflow import measure, plots
 from latticeflow import script_support as ss
+from latticeflow.pyerrors_export import to_pyerrors
 
 EXAMPLES = (
     "python analysis/observables.py runs/free_hmc.h5",
     "python analysis/observables.py runs/u1_beta2.h5 --thermalization 200 "
     "--json u1_beta2.json --plots plots/u1_beta2",
+    "python analysis/observables.py runs/u1_beta2.h5 -K 200 --pyerrors u1_beta2.json.gz",
 )
 
 
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH",
                         help='write {"n", "sampler", "acceptance", "observables": {NAME: '
                              '{"value", "error", "tau_int", "tau_int_error"}}} to PATH')
+    parser.add_argument("--pyerrors", metavar="PATH",
+                        help="write one pyerrors Obs per observable (chains as replicas "
+                             "NAME|r0, NAME|r1, ...) to PATH (.json or .json.gz), replaced "
+                             "like --json; needs pip install 'latticeflow[pyerrors]'")
     parser.add_argument("--plots", metavar="DIR",
                         help="write histories and correlator / topological-charge / "
                              "Wilson-loop PNGs into DIR")
@@ -42,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     print(ss.observables_report(result))
     if args.json:
         ss.write_json(args.json, measure.observables_record(result))
+    if args.pyerrors:
+        to_pyerrors(result, out=args.pyerrors, overwrite=True)
     if plot_dir is not None:
         for path in plots.standard_plots(result, plot_dir):
             print(f"wrote {path}")

@@ -1,0 +1,324 @@
+"""The Python API: what the ``latticeflow`` command does, as functions for scripts and notebooks.
+
+Everything here is re-exported at the top level (``import latticeflow as lf``; see
+docs/python-api.md for a walk-through). The names follow the command's vocabulary:
+
+* :func:`load_action` (an action card), :func:`load_recipe` (a run recipe);
+* :func:`train` (``latticeflow train``) → :class:`~latticeflow.training.TrainingResult`;
+* :func:`load_flow` (a run directory or checkpoint) → :class:`TrainedFlow`, whose
+  :meth:`TrainedFlow.sample` draws configurations with log q and the action;
+* :func:`nmcmc` (``latticeflow sample``) and :func:`hmc` (``latticeflow hmc``) →
+  :class:`~latticeflow.ensemble.Ensemble` in memory, also written to HDF5 when ``out`` is given;
+* :func:`read_ensemble`, :func:`analyse` (``analysis/observables.py``) →
+  :class:`~latticeflow.measure.AnalysisResult`.
+
+Conventions (DESIGN §3): lattices are ``(L0, L1, ...)`` tuples (or ``"8x8"`` strings); φ⁴
+fields are ``(batch, L0, L1)``, U(1) links ``(batch, 2, L0, L1)`` angles in [0, 2π); an
+ensemble's rows are in Monte Carlo order per chain (``/chain``, row i of an n-chain run belongs
+to chain ``i % n``). Bad input raises :class:`~latticeflow.errors.LatticeflowError` (or its
+subclass :class:`~latticeflow.errors.ConfigError` for cards and recipes), never a bare
+traceback from deep inside. Defaults are those of the command, so the same settings and seed
+give the same ensemble, row for row and bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from latticeflow.chain import train_ancestors
+from latticeflow.config import Recipe
+from latticeflow.config import load_recipe as _load_recipe_file
+from latticeflow.device import select_device, select_dtype
+from latticeflow.ensemble import Ensemble, EnsembleReader, EnsembleWriter, read_ensemble
+from latticeflow.errors import LatticeflowError
+from latticeflow.measure import AnalysisResult, ObservableResult, analyse
+from latticeflow.samplers.chain import Sampler, load_resume_state, run_chain
+from latticeflow.samplers.hmc import HMCConfig, HMCSampler
+from latticeflow.samplers.nmcmc import FlowMetropolis
+from latticeflow.statistics import ess
+from latticeflow.theories import Action, load_action_card
+from latticeflow.training import (
+    LoadedFlow,
+    TrainingResult,
+    load_checkpoint,
+    open_trainer,
+    tf32_mode,
+)
+
+PathLike = str | os.PathLike
+
+__all__ = ["AnalysisResult", "Ensemble", "FlowSamples", "ObservableResult", "TrainedFlow",
+           "analyse", "hmc", "load_action", "load_flow", "load_recipe", "nmcmc",
+           "read_ensemble", "train"]
+
+
+# ------------------------------------------------------------------------------ inputs
+def load_action(card: PathLike | Action) -> Action:
+    """The action of an action card (``actions/*.toml``); an :class:`Action` is returned as is.
+
+    ``action(x)`` is S per configuration ``(batch,)``, ``action.force(x)`` is −∂S/∂x.
+    """
+    return card if isinstance(card, Action) else load_action_card(card)
+
+
+def load_recipe(path: PathLike, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """A validated run recipe (``runs/*.toml``; schema in :mod:`latticeflow.config`).
+
+    ``overrides`` maps dotted keys to values (``{"training.steps": 100, "device": "cpu"}``);
+    they are validated like the file's own values.
+    """
+    return _load_recipe_file(path, dict(overrides or {}))
+
+
+def _lattice(lattice: Sequence[int] | str) -> tuple[int, ...]:
+    """``(8, 8)``, ``[8, 8]`` or ``"8x8"`` → ``(8, 8)``."""
+    try:
+        shape = tuple(int(n) for n in (lattice.lower().split("x") if isinstance(lattice, str)
+                                       else lattice))
+    except (TypeError, ValueError):
+        raise LatticeflowError(f"lattice must look like (8, 8) or '8x8', got {lattice!r}"
+                               ) from None
+    if not shape or min(shape) < 1:
+        raise LatticeflowError(f"lattice extents must be positive, got {lattice!r}")
+    return shape
+
+
+# ------------------------------------------------------------------------------ training
+def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int | None = None,
+          device: str | None = None, resume: bool = False, force: bool = False,
+          init_from: PathLike | None = None) -> TrainingResult:
+    """Train a recipe's flow, like ``latticeflow train``; returns where the files went.
+
+    ``out``: the run directory (default ``<recipe dir>/<recipe name>``); it gets
+    ``checkpoint.pt``, ``metrics.csv`` and ``training.png``. ``steps`` and ``device`` override
+    ``training.steps`` and ``device``. An existing checkpoint is continued with ``resume`` or
+    replaced with ``force``, never silently. ``init_from`` (run directory or checkpoint) starts
+    from other weights; without it a recipe's ``init_from`` chain is trained first.
+    """
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["training.steps"] = steps
+    if device is not None:
+        overrides["device"] = device
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raise LatticeflowError("train: steps= and device= apply to a recipe file; for a "
+                                   "Recipe object use load_recipe(path, overrides)")
+    else:
+        recipe = load_recipe(recipe, overrides)
+    if init_from is None and recipe.init_from is not None and not resume:
+        init_from = train_ancestors(recipe, {"device": device} if device else None)
+    trainer = open_trainer(recipe, out, resume=resume, force=force, init_from=init_from)
+    return trainer.train()
+
+
+# ------------------------------------------------------------------------------ flows
+class FlowSamples(NamedTuple):
+    """Independent draws from a flow: ``x`` ``(n, *field_shape)``, ``log_q`` and ``action``
+    ``(n,)`` (float64), all on the flow's device."""
+
+    x: Tensor
+    log_q: Tensor
+    action: Tensor
+
+    @property
+    def log_weight(self) -> Tensor:
+        """log w = −S − log q ``(n,)`` (the importance weight up to log Z)."""
+        return -self.action - self.log_q
+
+    @property
+    def ess(self) -> float:
+        """Normalised effective sample size (Σw)²/(n Σw²) ∈ (0, 1]."""
+        return ess(self.log_weight.cpu().numpy())
+
+
+@dataclasses.dataclass
+class TrainedFlow(LoadedFlow):
+    """A trained flow (the fields of :class:`~latticeflow.training.LoadedFlow`: ``flow``,
+    ``action``, ``lattice``, ``recipe``, ``step``, ``sha256``, ``last_ess``) that samples."""
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = None) -> FlowSamples:
+        """``n`` independent configurations x ~ q with log q(x) and S(x) (see
+        :class:`FlowSamples`). ``seed`` seeds a private generator (None: torch's global one)."""
+        if not isinstance(n, int) or n < 1:
+            raise LatticeflowError(f"sample: n must be a positive integer, got {n!r}")
+        generator = None
+        if seed is not None:
+            device = next(self.flow.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        x, log_q = self.flow.sample(n, generator=generator)
+        return FlowSamples(x, log_q.double(), self.action(x).double())
+
+
+def load_flow(run_dir_or_checkpoint: PathLike | LoadedFlow, *, device: str | None = None,
+              lattice: Sequence[int] | str | None = None) -> TrainedFlow:
+    """The trained flow of a run directory or checkpoint file, ready to sample.
+
+    ``device``: None → CUDA when available, else CPU. ``lattice``: rebuild the flow on another
+    lattice (the weights do not depend on its size), like ``latticeflow sample --lattice``.
+    """
+    if isinstance(run_dir_or_checkpoint, LoadedFlow):
+        if device is not None or lattice is not None:
+            raise LatticeflowError("load_flow: device and lattice apply to a checkpoint, not "
+                                   "to a flow already loaded")
+        if isinstance(run_dir_or_checkpoint, TrainedFlow):
+            return run_dir_or_checkpoint
+        loaded = run_dir_or_checkpoint
+    else:
+        loaded = load_checkpoint(run_dir_or_checkpoint, device=device,
+                                 lattice=None if lattice is None else _lattice(lattice))
+    return TrainedFlow(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)})
+
+
+# ------------------------------------------------------------------------------ ensembles
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LatticeflowError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_seed(seed: int) -> None:
+    """A seed is stored as an int64 and seeds torch generators: 0 <= seed < 2**63."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise LatticeflowError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _open_writer(path: Path, header: dict[str, Any], chunk: int, resume: bool, force: bool
+                 ) -> EnsembleWriter:
+    """A writer for ``path``: continued (``resume``; the file's header must match ``header``),
+    replaced (``force``) or new (an existing file is refused)."""
+    if resume and force:
+        raise LatticeflowError("resume and force exclude each other")
+    if path.is_dir():
+        raise LatticeflowError(f"{path}: is a directory; give a file name for the ensemble")
+    if not resume:
+        return EnsembleWriter.create(path, chunk_rows=chunk, force=force, **header)
+    if not path.is_file():
+        raise LatticeflowError(f"{path}: nothing to resume (no such file)")
+    with EnsembleReader(path) as reader:
+        meta = reader.metadata
+    have = {"theory": meta.theory, "action_params": meta.action_params,
+            "lattice": tuple(meta.lattice), "sampler": meta.sampler, "seed": meta.seed,
+            "sampler_params": meta.sampler_params, "checkpoint_sha256": meta.checkpoint_sha256}
+    want = {**header, "action_params": header["action_card"], "lattice": tuple(header["lattice"])}
+    for key, value in have.items():
+        if value != want.get(key, ""):
+            raise LatticeflowError(f"{path}: cannot resume: {key} is {value!r} in the file but "
+                                   f"{want.get(key, '')!r} for this run")
+    return EnsembleWriter.resume(path)
+
+
+def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: PathLike | None,
+         resume: bool, force: bool) -> Ensemble:
+    """Run ``sampler`` until the file holds ``n`` rows and return the ensemble in memory.
+
+    Without ``out`` the rows go through a temporary file (the same writer and chunking as a
+    real file, so memory and disk ensembles are identical); the returned metadata then has
+    ``path = "<in memory>"``.
+    """
+    _check_count("n", n)
+    _check_count("chunk", chunk)
+    if out is not None:
+        path = Path(out)
+        with _open_writer(path, header, chunk, resume, force) as writer:
+            if writer.n_complete < n:
+                load_resume_state(sampler, writer)
+                if run_chain(sampler, writer, n, chunk, progress=False).interrupted:
+                    raise KeyboardInterrupt
+        return read_ensemble(path)
+    if resume or force:
+        raise LatticeflowError("resume and force need an output file (out=...)")
+    with tempfile.TemporaryDirectory(prefix="latticeflow-") as folder:
+        path = Path(folder) / "ensemble.h5"
+        with EnsembleWriter.create(path, chunk_rows=chunk, **header) as writer:
+            if run_chain(sampler, writer, n, chunk, progress=False).interrupted:
+                raise KeyboardInterrupt
+        ensemble = read_ensemble(path)
+    return Ensemble(dataclasses.replace(ensemble.metadata, path="<in memory>"), ensemble.data)
+
+
+def nmcmc_header(loaded: LoadedFlow, *, seed: int, batch_size: int, chains: int,
+                 store_dtype: str) -> dict[str, Any]:
+    """The :meth:`EnsembleWriter.create` arguments of a single-process ``latticeflow sample``
+    run of ``loaded`` (header of DESIGN §6: sampler_params, checkpoint digest, ...)."""
+    return {"theory": loaded.action.theory, "action_card": loaded.action.card(),
+            "lattice": loaded.lattice, "field_shape": loaded.flow.field_shape,
+            "sampler": "nmcmc", "seed": seed,
+            "sampler_params": {"batch_size": batch_size, "n_chains": chains,
+                               "store_dtype": store_dtype, "training_step": loaded.step},
+            "checkpoint_sha256": loaded.sha256, "dtype": store_dtype, "chains": chains > 1}
+
+
+def nmcmc(flow: PathLike | LoadedFlow, n: int | None = None, *, batch_size: int | None = None,
+          chains: int | None = None, seed: int | None = None, chunk: int | None = None,
+          store_dtype: str = "float32", out: PathLike | None = None, resume: bool = False,
+          force: bool = False) -> Ensemble:
+    """Neural MCMC (independent Metropolis–Hastings with flow proposals), like
+    ``latticeflow sample``: an ensemble of ``n`` rows with ``configs`` ``(n, *field_shape)``
+    (``store_dtype``), ``action``, ``accepted``, ``log_q``, ``log_weight`` (and ``chain`` with
+    ``chains > 1``, rows round-robin).
+
+    ``flow``: a :func:`load_flow` result or a run directory / checkpoint. ``n``, ``batch_size``
+    (proposals per device batch), ``chains``, ``seed`` and ``chunk`` (rows per committed chunk)
+    default to the recipe's ``[sampling]`` section. ``out``: also write the HDF5 file
+    (``resume`` continues it, ``force`` replaces it).
+    """
+    loaded = flow if isinstance(flow, LoadedFlow) else load_flow(flow)
+    sampling = loaded.recipe.sampling
+    n = sampling.n if n is None else n
+    chunk = sampling.chunk if chunk is None else chunk
+    batch_size = sampling.batch_size if batch_size is None else batch_size
+    chains = sampling.chains if chains is None else chains
+    seed = sampling.seed if seed is None else seed
+    for name, value in (("batch_size", batch_size), ("chains", chains)):
+        _check_count(name, value)
+    _check_seed(seed)
+    if chunk % chains or n % chains:
+        raise LatticeflowError(f"n ({n}) and chunk ({chunk}) must be multiples of chains "
+                               f"({chains})")
+    header = nmcmc_header(loaded, seed=seed, batch_size=batch_size, chains=chains,
+                          store_dtype=store_dtype)
+    sampler = FlowMetropolis(loaded.flow, loaded.action, seed=seed, batch_size=batch_size,
+                             n_chains=chains, store_dtype=select_dtype(store_dtype))
+    with tf32_mode(False):  # sampling never uses TF32
+        return _run(sampler, header, n, chunk, out, resume, force)
+
+
+def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
+        step_size: float = 0.1, trajectory_length: float = 1.0, integrator: str = "omelyan",
+        target_accept: float | None = 0.8, therm: int = 200, save_every: int = 1,
+        chains: int = 1, seed: int = 0, device: str = "cpu", dtype: str = "float64",
+        chunk: int = 100, out: PathLike | None = None, resume: bool = False,
+        force: bool = False) -> Ensemble:
+    """Hybrid Monte Carlo with the analytic force, like ``latticeflow hmc`` (same defaults): an
+    ensemble of ``n`` rows with ``configs`` ``(n, *field_shape)`` (``dtype``), ``action``,
+    ``accepted``, ``delta_H`` and ``chain`` (rows round-robin over ``chains``).
+
+    ``action``: an :class:`Action` or an action card. ``lattice``: ``(8, 8)`` or ``"8x8"``.
+    ``step_size`` ε (the start value when tuned), ``trajectory_length`` τ = n_steps·ε,
+    ``target_accept``: tune ε to this acceptance during the ``therm`` thermalisation
+    trajectories (None or 0: no tuning), ``save_every``: store every k-th trajectory.
+    ``out``: also write the HDF5 file (``resume`` continues it, ``force`` replaces it).
+    """
+    act = load_action(action)
+    shape = _lattice(lattice)
+    _check_seed(seed)
+    select_device(device)  # rejects an unknown or absent device
+    try:
+        act.field_shape(shape)
+    except ValueError as exc:
+        raise LatticeflowError(f"lattice {'x'.join(map(str, shape))}: {exc}") from None
+    config = HMCConfig(step_size=step_size, trajectory_length=trajectory_length,
+                       integrator=integrator, n_chains=chains, n_therm=therm,
+                       save_every=save_every, target_accept=target_accept or None, dtype=dtype,
+                       device=device)
+    sampler = HMCSampler(act, shape, config, seed)
+    return _run(sampler, sampler.header(), n, chunk, out, resume, force)
