@@ -245,18 +245,6 @@ def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: Path
     return Ensemble(dataclasses.replace(ensemble.metadata, path="<in memory>"), ensemble.data)
 
 
-def nmcmc_header(loaded: LoadedFlow, *, seed: int, batch_size: int, chains: int,
-                 store_dtype: str) -> dict[str, Any]:
-    """The :meth:`EnsembleWriter.create` arguments of a single-process ``latticeflow sample``
-    run of ``loaded`` (header of DESIGN §6: sampler_params, checkpoint digest, ...)."""
-    return {"theory": loaded.action.theory, "action_card": loaded.action.card(),
-            "lattice": loaded.lattice, "field_shape": loaded.flow.field_shape,
-            "sampler": "nmcmc", "seed": seed,
-            "sampler_params": {"batch_size": batch_size, "n_chains": chains,
-                               "store_dtype": store_dtype, "training_step": loaded.step},
-            "checkpoint_sha256": loaded.sha256, "dtype": store_dtype, "chains": chains > 1}
-
-
 def nmcmc(flow: PathLike | LoadedFlow, n: int | None = None, *, batch_size: int | None = None,
           chains: int | None = None, seed: int | None = None, chunk: int | None = None,
           store_dtype: str = "float32", out: PathLike | None = None, resume: bool = False,
@@ -284,8 +272,10 @@ def nmcmc(flow: PathLike | LoadedFlow, n: int | None = None, *, batch_size: int 
     if chunk % chains or n % chains:
         raise LatticeflowError(f"n ({n}) and chunk ({chunk}) must be multiples of chains "
                                f"({chains})")
-    header = nmcmc_header(loaded, seed=seed, batch_size=batch_size, chains=chains,
-                          store_dtype=store_dtype)
+    params = {"batch_size": batch_size, "n_chains": chains, "store_dtype": store_dtype,
+              "training_step": loaded.step}
+    header = loaded.nmcmc_header(seed=seed, sampler_params=params, store_dtype=store_dtype,
+                                 chains=chains > 1)
     sampler = FlowMetropolis(loaded.flow, loaded.action, seed=seed, batch_size=batch_size,
                              n_chains=chains, store_dtype=select_dtype(store_dtype))
     with tf32_mode(False):  # sampling never uses TF32

@@ -348,3 +348,21 @@ def test_proposal_statistics_keep_a_bounded_tail_and_combine():
     assert whole.summary().pareto_k == pareto_k(finite)   # 3√N < capacity: the same tail
     state = whole.state_dict("p_")
     assert ProposalStats.from_state_dict(state, "p_").summary() == whole.summary()
+
+
+def test_proposal_statistics_do_not_depend_on_how_proposals_arrive():
+    """Float sums depend on grouping: the summary must not depend on the batch sizes the log
+    weights arrive in, nor on a save and restore of the state in between (a resume)."""
+    rng = np.random.default_rng(4)
+    log_w = np.concatenate([rng.normal(0.0, 3.0, 3000), [np.nan, -np.inf],
+                            rng.normal(5.0, 1.0, 2500)])   # the maximum grows late
+    whole = ProposalStats()
+    whole.add(log_w)
+    for trial in range(5):
+        cuts = np.sort(rng.choice(np.arange(1, log_w.size), size=7 + trial, replace=False))
+        pieces = ProposalStats()
+        for i, part in enumerate(np.split(log_w, cuts)):
+            pieces.add(part)
+            if i == 3:   # a resume: the state goes through the file's arrays
+                pieces = ProposalStats.from_state_dict(pieces.state_dict("p/"), "p/")
+        assert pieces.summary() == whole.summary()

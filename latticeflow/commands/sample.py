@@ -165,11 +165,9 @@ def _sample(args: argparse.Namespace, context: DistributedContext | None) -> int
               "training_step": loaded.step}
     if context is not None:
         params.update(rank=rank, world_size=world)
-    header = {"theory": loaded.action.theory, "action_card": loaded.action.card(),
-              "lattice": loaded.lattice, "field_shape": loaded.flow.field_shape,
-              "sampler": "nmcmc", "seed": my_seed, "sampler_params": params,
-              "checkpoint_sha256": loaded.sha256, "dtype": args.store_dtype,
-              "chains": chains > 1 or context is not None}
+    header = loaded.nmcmc_header(seed=my_seed, sampler_params=params,
+                                 store_dtype=args.store_dtype,
+                                 chains=chains > 1 or context is not None)
     writer = open_output(target, args.resume, args.force, header, args.chunk, expected={
         "sampler": "nmcmc", "checkpoint_sha256": loaded.sha256, "lattice": loaded.lattice,
         "seed": my_seed})

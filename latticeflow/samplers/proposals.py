@@ -17,7 +17,10 @@ carries those of all the shards' proposals together):
   2047 largest weights instead of 3√N.
 
 The running state has a fixed size whatever the number of proposals (it is part of the
-sampler's resume state).
+sampler's resume state). Log weights are folded into the sums in blocks of ``BLOCK`` proposals
+counted from the first one of the run, whatever the sizes of the batches they arrive in (the
+last, partial block waits in the state), so that a resumed run's summary equals an uninterrupted
+run's bit for bit: float sums depend on how the terms are grouped.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from latticeflow.ensemble import EnsembleReader
 from latticeflow.thermodynamics import pareto_k
 
 TAIL_CAPACITY = 2048
+BLOCK = 1024
 ATTRIBUTES = ("proposals", "nonfinite_proposals", "proposal_ess", "proposal_pareto_k")
-_STATE_KEYS = ("count", "nonfinite", "shift", "sum_w", "sum_w2", "tail")
+_STATE_KEYS = ("count", "nonfinite", "shift", "sum_w", "sum_w2", "tail", "pending")
 
 
 @dataclass(frozen=True)
@@ -87,13 +91,22 @@ class ProposalStats:
     sum_w: float = 0.0
     sum_w2: float = 0.0
     tail: np.ndarray = field(default_factory=lambda: np.full(TAIL_CAPACITY, -np.inf))
+    pending: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def add(self, log_weight: np.ndarray) -> None:
         """Record the log weights of more proposals (any shape)."""
         lw = np.asarray(log_weight, dtype=np.float64).reshape(-1)
-        finite = lw[np.isfinite(lw)]
         self.count += lw.size
-        self.nonfinite += lw.size - finite.size
+        self.nonfinite += int((~np.isfinite(lw)).sum())
+        lw = np.concatenate([self.pending, lw])
+        whole = lw.size - lw.size % BLOCK
+        for start in range(0, whole, BLOCK):
+            self._fold(lw[start:start + BLOCK])
+        self.pending = lw[whole:]
+
+    def _fold(self, log_weight: np.ndarray) -> None:
+        """Add one block of log weights to the sums and the tail."""
+        finite = log_weight[np.isfinite(log_weight)]
         if finite.size == 0:
             return
         shift = max(self.shift, float(finite.max()))
@@ -104,9 +117,17 @@ class ProposalStats:
         merged = np.concatenate([self.tail, finite])
         self.tail = np.sort(np.partition(merged, merged.size - TAIL_CAPACITY)[-TAIL_CAPACITY:])
 
+    def folded(self) -> ProposalStats:
+        """A copy with the pending partial block folded in."""
+        copy = ProposalStats(self.count, self.nonfinite, self.shift, self.sum_w, self.sum_w2,
+                             self.tail.copy())
+        copy._fold(self.pending)
+        return copy
+
     @classmethod
     def combined(cls, parts: Sequence[ProposalStats]) -> ProposalStats:
         """The statistics of all proposals of ``parts`` together (e.g. the shards of a run)."""
+        parts = [p.folded() for p in parts]
         shift = max(p.shift for p in parts)
         scales = [math.exp(p.shift - shift) if p.n_finite else 0.0 for p in parts]
         merged = np.concatenate([p.tail for p in parts])
@@ -120,6 +141,8 @@ class ProposalStats:
         return self.count - self.nonfinite
 
     def summary(self) -> ProposalSummary:
+        if self.pending.size:
+            return self.folded().summary()
         n = self.n_finite
         ess = self.sum_w**2 / (n * self.sum_w2) if n else math.nan
         k = pareto_k(self.tail[np.isfinite(self.tail)], size=n) if n else None
@@ -127,8 +150,10 @@ class ProposalStats:
 
     def state_dict(self, prefix: str) -> dict[str, np.ndarray]:
         """The state as fixed-size arrays, keys prefixed with ``prefix``."""
+        pending = np.full(BLOCK, np.nan)   # fixed size: the first count % BLOCK entries count
+        pending[:self.pending.size] = self.pending
         values = (np.int64(self.count), np.int64(self.nonfinite), np.float64(self.shift),
-                  np.float64(self.sum_w), np.float64(self.sum_w2), self.tail.copy())
+                  np.float64(self.sum_w), np.float64(self.sum_w2), self.tail.copy(), pending)
         return {prefix + key: np.asarray(v) for key, v in zip(_STATE_KEYS, values, strict=True)}
 
     @classmethod
@@ -137,6 +162,10 @@ class ProposalStats:
         resume state written before they were kept)."""
         if prefix + "count" not in state:
             return cls()
-        get = {key: np.asarray(state[prefix + key]) for key in _STATE_KEYS}
-        return cls(int(get["count"]), int(get["nonfinite"]), float(get["shift"]),
-                   float(get["sum_w"]), float(get["sum_w2"]), get["tail"].astype(np.float64))
+        get = {key: np.asarray(state[prefix + key]) for key in _STATE_KEYS if prefix + key in state}
+        count = int(get["count"])
+        # States written before blocks were kept have folded every proposal already.
+        pending = (get["pending"][:count % BLOCK].astype(np.float64) if "pending" in get
+                   else np.empty(0))
+        return cls(count, int(get["nonfinite"]), float(get["shift"]), float(get["sum_w"]),
+                   float(get["sum_w2"]), get["tail"].astype(np.float64), pending)

@@ -65,6 +65,15 @@ class LoadedFlow:
     sha256: str
     last_ess: float | None
 
+    def nmcmc_header(self, *, seed: int, sampler_params: dict[str, Any], store_dtype: str,
+                     chains: bool) -> dict[str, Any]:
+        """The :meth:`~latticeflow.ensemble.EnsembleWriter.create` arguments of a neural-MCMC
+        ensemble of this flow (the header of DESIGN §6); ``chains``: store a chain column."""
+        return {"theory": self.action.theory, "action_card": self.action.card(),
+                "lattice": self.lattice, "field_shape": self.flow.field_shape,
+                "sampler": "nmcmc", "seed": seed, "sampler_params": sampler_params,
+                "checkpoint_sha256": self.sha256, "dtype": store_dtype, "chains": chains}
+
 
 def checkpoint_path(path_or_run_dir: str | os.PathLike) -> Path:
     """The checkpoint file itself, or ``<dir>/checkpoint.pt`` for a run directory."""
