@@ -32,10 +32,38 @@ once and never again; all other row datasets (and ``compression=None`` configs, 
 length divides ``chunk_rows``) are uncompressed, and an uncompressed chunk is rewritten in place
 with identical bytes for the committed rows. The file is created with the free-space strategy
 ``"none"`` (space freed by HDF5 is not tracked for reuse), and resume slots are overwritten in
-place. Residual risk: a kill *during* the metadata flush that splits a chunk-index B-tree node
-could leave the index inconsistent (then reading fails loudly); the window is microseconds once
-every ~32 chunks. The guarantee is against a killed process (the OS keeps written data), not
-against power loss.
+place.
+
+A flush is not atomic either. HDF5 writes the changed metadata in address order and the
+superblock, which holds the end of allocation (EOA), *last*; it refuses to read anything at or
+beyond the EOA of the superblock on disk ("len not positive after adjustment for EOA", "addr
+overflow"). An object allocated since the last commit lies beyond that EOA, and the object that
+links it (lower address, changed in place) is written before it and before the superblock: a
+kill in between leaves a link that cannot be followed. Where the resume state is concerned
+(once: the group ``/resume/slot1``, created by the second chunk; resuming failed in
+``require_group``), this is ruled out or repaired:
+
+* every group of ``/resume`` exists before the file is published (:meth:`EnsembleWriter.create`
+  builds it under a temporary name), and the first chunk writes its state into *both* slots, so
+  that later chunks create no object there while the layout of the state stays the same (an
+  entry that grows past its capacity, or a changed layout, still allocates);
+* :meth:`EnsembleWriter.resume` first reads all of ``/resume`` and drops the rows beyond
+  ``n_complete``. Should HDF5 fail there, it abandons the handle (nothing more is written
+  through it) and (a) raises the EOA in the superblock to the size of the file
+  (:func:`~latticeflow.ensemble.storage._extend_allocation`: one 48-byte write, only for a
+  version 2/3 superblock whose checksum verifies; the file then holds everything the killed
+  flush wrote, and the space up to the end of the file is merely never reused) and tries again;
+  should that fail too (the kill came before some object was written), (b) it builds a new file
+  with the committed state (root attributes, the ``n_complete`` rows, the valid slot) under a
+  temporary name, which then replaces the old file. A kill meanwhile leaves the old file as it
+  was (and perhaps a stale ``.NAME.PID.tmp`` next to it).
+
+Residual risk: a flush that splits a chunk-index B-tree node of a row dataset (roughly once
+every 32 HDF5 chunks) moves index entries of committed rows to new nodes. A kill after those
+were written but before the superblock is repaired by (a) on resume (readers fail until then);
+a kill after the node that links them but before the new nodes themselves (a few writes of one
+flush) leaves committed rows unreadable, and reading and resuming fail loudly. The guarantee is
+against a killed process (the OS keeps written data), not against power loss.
 """
 
 from __future__ import annotations
@@ -121,6 +149,21 @@ def _fits(dataset: h5py.Dataset, value: np.ndarray) -> bool:
             and dataset.shape[1:] == value.shape[1:])
 
 
+def _close_without_writing(file: h5py.File) -> None:
+    """Close ``file`` so that nothing more reaches the disk: HDF5's file descriptor is first
+    pointed at an anonymous memory file (Linux; elsewhere HDF5 closes the file as it is)."""
+    try:
+        if hasattr(os, "memfd_create"):
+            memory = os.memfd_create("abandoned-ensemble")
+            os.dup2(memory, file.id.get_vfd_handle())
+            os.close(memory)
+    finally:
+        try:
+            file.close()
+        except (OSError, RuntimeError):
+            pass
+
+
 class _ChunkWriter:
     """The commit protocol of :class:`~latticeflow.ensemble.EnsembleWriter` (see "Crash
     safety" above); the writer sets the attributes and defines :meth:`_release`."""
@@ -202,16 +245,9 @@ class _ChunkWriter:
         """Stop all writes to the file after a failed one and close it: HDF5's descriptor is
         pointed at an anonymous memory file, so closing cannot write half a state to disk."""
         try:
-            if hasattr(os, "memfd_create"):   # Linux; elsewhere HDF5 closes the file as it is
-                memory = os.memfd_create("abandoned-ensemble")
-                os.dup2(memory, self._file.id.get_vfd_handle())
-                os.close(memory)
+            _close_without_writing(self._file)
         finally:
             self._handles.clear()
-            try:
-                self._file.close()
-            except (OSError, RuntimeError):
-                pass
             self._release()
 
     def _check_rows(self, rows: Mapping[str, np.ndarray]) -> int:
@@ -244,10 +280,17 @@ class _ChunkWriter:
         In place: an entry's dataset is reused while its dtype and trailing shape stay (its
         capacity grows when a longer value comes), so a slot's size is bounded by its largest
         state. An entry missing from ``state`` gets length 0, keeping its space for later."""
-        root = self._file[RESUME_GROUP]
         valid = self._valid_slot()
         target = RESUME_SLOTS[1] if valid == RESUME_SLOTS[0] else RESUME_SLOTS[0]
-        group = root.require_group(target)
+        if valid is None:
+            # No committed state yet (the first chunk): give the other slot the same entries
+            # now, so that later chunks only overwrite existing objects (see "Crash safety").
+            self._write_slot(RESUME_SLOTS[1], state, -1)
+        self._write_slot(target, state, n_rows)
+
+    def _write_slot(self, slot: str, state: Mapping[str, np.ndarray], n_rows: int) -> None:
+        """Write ``state`` into ``slot`` (marked ``n_rows = -1`` meanwhile), then its n_rows."""
+        group = self._file[RESUME_GROUP].require_group(slot)  # older files: created lazily
         group.attrs.modify("n_rows", np.int64(-1))
         for name in group:
             if name not in state and LENGTH_ATTR in group[name].attrs:
@@ -255,6 +298,22 @@ class _ChunkWriter:
         for name, value in state.items():
             self._handles.append(_write_state_entry(group, name, value))
         group.attrs.modify("n_rows", np.int64(n_rows))
+
+    def _check_resume_group(self) -> None:
+        """Read every object of ``/resume`` in full (both slots, every entry to its whole
+        extent), as the resume and the next chunks will touch them: an object that a killed
+        flush left unreachable raises here (OSError, KeyError, RuntimeError, ValueError), before
+        anything is changed, instead of in the middle of the next chunk."""
+        root = self._file[RESUME_GROUP]
+        for slot in RESUME_SLOTS:
+            if slot not in root:
+                continue
+            group = root[slot]
+            dict(group.attrs)
+            for name in group:
+                dataset = group[name]
+                dict(dataset.attrs)
+                dataset[()]
 
     def _commit(self, n_complete: int) -> None:
         self._file.attrs.modify("n_complete", np.int64(n_complete))

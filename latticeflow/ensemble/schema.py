@@ -73,7 +73,9 @@ _REQUIRED_ATTRS = ("theory", "action_params", "lattice", "sampler", "seed", "cre
                    "latticeflow_version", "checkpoint_sha256", "sampler_params", "n_complete")
 _CONFIG_CHUNK_BYTES = 4 << 20   # at most 4 MiB of uncompressed configurations per HDF5 chunk
 _SCALAR_CHUNK_ROWS = 4096      # per-row scalars: uncompressed, long chunks (few index nodes)
-_STATE_CHUNK_BYTES = 256 << 10  # resume-state arrays: at most 256 KiB per HDF5 chunk
+# Resume-state arrays: at most 64 KiB per HDF5 chunk, so that an entry's capacity exceeds its
+# longest value by less than that (both slots are sized by the first chunk's state).
+_STATE_CHUNK_BYTES = 64 << 10
 LENGTH_ATTR = "length"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,16 @@ from latticeflow.ensemble.chunks import (
     _RESERVE_MARGIN,
     _bytes_touched,
     _ChunkWriter,
+    _close_without_writing,
     _read_state_entry,
+    _write_state_entry,
 )
 from latticeflow.ensemble.schema import (
     _SCALAR_CHUNK_ROWS,
     FORMAT,
     FORMAT_VERSION,
     RESUME_GROUP,
+    RESUME_SLOTS,
     ROW_DTYPES,
     SAMPLERS,
     SHARDS_ATTR,
@@ -38,7 +41,15 @@ from latticeflow.ensemble.schema import (
     _read_metadata,
     row_datasets,
 )
-from latticeflow.ensemble.storage import _WRITING, _fail, _file_key, _open, _publish, _reason
+from latticeflow.ensemble.storage import (
+    _WRITING,
+    _extend_allocation,
+    _fail,
+    _file_key,
+    _open,
+    _publish,
+    _reason,
+)
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import FileLock, own_file
 
@@ -129,8 +140,10 @@ class EnsembleWriter(_ChunkWriter):
                lattice: Sequence[int], field_shape: tuple[int, ...], sampler: str, seed: int,
                sampler_params: Mapping[str, Any], checkpoint_sha256: str,
                config_dtype: np.dtype, chains: bool, chunk_rows: int,
-               compression: str | None) -> EnsembleWriter:
-        """Write the empty file under a temporary name, owned from the start, and publish it."""
+               compression: str | None,
+               fill: Callable[[h5py.File], None] | None = None) -> EnsembleWriter:
+        """Write the empty file under a temporary name, owned from the start, and publish it
+        (``fill``, given the new file, adds content before it is flushed and published)."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -166,7 +179,14 @@ class EnsembleWriter(_ChunkWriter):
             for name in row_datasets(sampler, chains)[1:]:
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=ROW_DTYPES[name],
                                  chunks=(_SCALAR_CHUNK_ROWS,))
-            f.create_group(RESUME_GROUP)
+            # Every group the resume state needs exists before the file is published: a link added
+            # later would be written before the superblock's end-of-allocation that covers its
+            # target (see "Crash safety" in ensemble.chunks).
+            resume = f.create_group(RESUME_GROUP)
+            for slot in RESUME_SLOTS:
+                resume.create_group(slot).attrs["n_rows"] = np.int64(-1)
+            if fill is not None:
+                fill(f)
             f.flush()
             lock.fsync()
             _publish(tmp, path, replace)
@@ -185,6 +205,11 @@ class EnsembleWriter(_ChunkWriter):
     def resume(cls, path: str | os.PathLike) -> EnsembleWriter:
         """Reopen an existing ensemble for appending; rows beyond ``n_complete`` are dropped.
 
+        A file that a kill left with objects HDF5 cannot read outside its committed state (see
+        "Crash safety" in :mod:`latticeflow.ensemble.chunks`) gets its superblock's end of
+        allocation raised to the end of the file, or else is replaced by a copy of its committed
+        state.
+
         Raises :class:`~latticeflow.locking.InUseError` (touching nothing) when another process
         writes the file."""
         try:
@@ -194,23 +219,88 @@ class EnsembleWriter(_ChunkWriter):
         writer = None
         try:
             with lock.committing():
-                f = _open(path, "r+")
-                try:
-                    if SHARDS_ATTR in f.attrs:
-                        raise _fail(path, "a joined ensemble of shards cannot be appended to; "
-                                          "resume its shards (the same torchrun command with "
-                                          "--resume), which joins them again")
-                    writer = cls(f, path, lock)
-                    writer._drop_uncommitted()
-                except BaseException:
-                    f.close()
-                    raise
-            return writer
+                extended = False
+                while True:
+                    f = _open(path, "r+")
+                    try:
+                        if SHARDS_ATTR in f.attrs:
+                            raise _fail(path, "a joined ensemble of shards cannot be appended "
+                                              "to; resume its shards (the same torchrun "
+                                              "command with --resume), which joins them again")
+                        writer = cls(f, path, lock)
+                        try:
+                            writer._check_resume_group()
+                            writer._drop_uncommitted()
+                            return writer
+                        except _DAMAGE:
+                            # A killed flush left an object that cannot be read ("Crash safety"
+                            # in ensemble.chunks): write nothing more through this handle; retry
+                            # with the end of allocation raised to the end of the file, then
+                            # fall back to a new file with the committed state.
+                            _WRITING.discard(writer._key)
+                            writer = None
+                            _close_without_writing(f)
+                    except BaseException:
+                        if f.id.valid:
+                            f.close()
+                        raise
+                    if extended or not _extend_allocation(lock.fd):
+                        break
+                    extended = True
+                repaired = cls._repair(path)
+            lock.close()          # the new file is owned through its own lock
+            return repaired
         except BaseException:
             if writer is not None:
                 _WRITING.discard(writer._key)
             lock.close()
             raise
+
+    @classmethod
+    def _repair(cls, path: str | os.PathLike) -> EnsembleWriter:
+        """A new file in place of ``path`` with its committed state: the root attributes, the
+        first ``n_complete`` rows and the valid resume slot (caller owns ``path``). Built under
+        a temporary name and renamed over ``path``, so a kill meanwhile leaves ``path`` as it
+        was."""
+        src = _open(path, "r", locking=False)
+        try:
+            metadata = _read_metadata(src, path)
+            n = metadata.n_complete
+            slot = None
+            if n > 0:
+                resume = src[RESUME_GROUP]
+                slot = next((s for s in RESUME_SLOTS if s in resume
+                             and int(resume[s].attrs.get("n_rows", -1)) == n), None)
+                if slot is None:
+                    raise _fail(path, f"corrupt ensemble: no resume state for the {n} "
+                                      f"complete rows")
+            configs = src["configs"]
+
+            def fill(f: h5py.File) -> None:
+                for name, value in src.attrs.items():
+                    f.attrs[name] = value
+                for name in metadata.datasets:
+                    _copy_rows(src[name], f[name], n)
+                if slot is not None:
+                    old = src[RESUME_GROUP][slot]
+                    state = {name: _read_state_entry(old[name]) for name in old}
+                    for target, n_rows in ((s, -1) for s in RESUME_SLOTS if s != slot):
+                        _write_slot_entries(f[RESUME_GROUP][target], state, n_rows)
+                    _write_slot_entries(f[RESUME_GROUP][slot], state, n)
+
+            return cls._build(
+                Path(path), True, theory=metadata.theory, action_card=metadata.action_params,
+                lattice=metadata.lattice, field_shape=metadata.field_shape,
+                sampler=metadata.sampler, seed=metadata.seed,
+                sampler_params=metadata.sampler_params,
+                checkpoint_sha256=metadata.checkpoint_sha256,
+                config_dtype=metadata.config_dtype, chains="chain" in metadata.datasets,
+                chunk_rows=configs.chunks[0], compression=configs.compression, fill=fill)
+        except _DAMAGE as exc:
+            raise _fail(path, f"corrupt ensemble: cannot read its committed state: "
+                              f"{exc}") from None
+        finally:
+            src.close()
 
     def _drop_uncommitted(self) -> None:
         """Cut rows a killed writer left beyond ``n_complete``; check the resume state."""
@@ -299,3 +389,23 @@ class EnsembleWriter(_ChunkWriter):
         with self._changing("the run's attributes", _RESERVE_MARGIN):
             for name, value in attrs.items():
                 self._file.attrs.modify(name, value)
+
+
+#: What h5py raises for an object it cannot read (e.g. beyond the end of allocation).
+_DAMAGE = (OSError, KeyError, RuntimeError, ValueError)
+
+
+def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
+    """Rows ``[0, n)`` of ``src`` into ``dst`` (resized to n), 16 MiB at a time."""
+    dst.resize(n, axis=0)
+    row = max(1, src.dtype.itemsize * math.prod(src.shape[1:]))
+    step = max(1, (16 << 20) // row)
+    for start in range(0, n, step):
+        dst[start:start + step] = src[start:min(n, start + step)]
+
+
+def _write_slot_entries(group: h5py.Group, state: Mapping[str, np.ndarray], n_rows: int
+                        ) -> None:
+    for name, value in state.items():
+        _write_state_entry(group, name, value)
+    group.attrs.modify("n_rows", np.int64(n_rows))
