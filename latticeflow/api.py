@@ -37,7 +37,8 @@ from latticeflow.chain import train_ancestors
 from latticeflow.config import Recipe
 from latticeflow.config import load_recipe as _load_recipe_file
 from latticeflow.device import select_device, select_dtype
-from latticeflow.ensemble import Ensemble, EnsembleReader, EnsembleWriter, read_ensemble
+from latticeflow.ensemble import Ensemble, EnsembleWriter, read_ensemble
+from latticeflow.ensemble.output import open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.measure import AnalysisResult, ObservableResult, analyse
 from latticeflow.samplers.chain import Sampler, load_resume_state, run_chain
@@ -191,31 +192,6 @@ def _check_seed(seed: int) -> None:
         raise LatticeflowError(f"seed must be an integer in [0, 2**63), got {seed!r}")
 
 
-def _open_writer(path: Path, header: dict[str, Any], chunk: int, resume: bool, force: bool
-                 ) -> EnsembleWriter:
-    """A writer for ``path``: continued (``resume``; the file's header must match ``header``),
-    replaced (``force``) or new (an existing file is refused)."""
-    if resume and force:
-        raise LatticeflowError("resume and force exclude each other")
-    if path.is_dir():
-        raise LatticeflowError(f"{path}: is a directory; give a file name for the ensemble")
-    if not resume:
-        return EnsembleWriter.create(path, chunk_rows=chunk, force=force, **header)
-    if not path.is_file():
-        raise LatticeflowError(f"{path}: nothing to resume (no such file)")
-    with EnsembleReader(path) as reader:
-        meta = reader.metadata
-    have = {"theory": meta.theory, "action_params": meta.action_params,
-            "lattice": tuple(meta.lattice), "sampler": meta.sampler, "seed": meta.seed,
-            "sampler_params": meta.sampler_params, "checkpoint_sha256": meta.checkpoint_sha256}
-    want = {**header, "action_params": header["action_card"], "lattice": tuple(header["lattice"])}
-    for key, value in have.items():
-        if value != want.get(key, ""):
-            raise LatticeflowError(f"{path}: cannot resume: {key} is {value!r} in the file but "
-                                   f"{want.get(key, '')!r} for this run")
-    return EnsembleWriter.resume(path)
-
-
 def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: PathLike | None,
          resume: bool, force: bool) -> Ensemble:
     """Run ``sampler`` until the file holds ``n`` rows and return the ensemble in memory.
@@ -228,7 +204,13 @@ def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: Path
     _check_count("chunk", chunk)
     if out is not None:
         path = Path(out)
-        with _open_writer(path, header, chunk, resume, force) as writer:
+        if resume and force:
+            raise LatticeflowError("resume and force exclude each other")
+        expected = {"theory": header["theory"], "action_params": header["action_card"],
+                    "lattice": header["lattice"], "sampler": header["sampler"],
+                    "seed": header["seed"], "sampler_params": header["sampler_params"],
+                    "checkpoint_sha256": header.get("checkpoint_sha256", "")}
+        with open_output(path, resume, force, header, chunk, expected) as writer:
             if writer.n_complete < n:
                 load_resume_state(sampler, writer)
                 if run_chain(sampler, writer, n, chunk, progress=False).interrupted:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from latticeflow.cli import EXIT_INTERRUPTED, EXIT_OK
-from latticeflow.ensemble import EnsembleMetadata, EnsembleReader, EnsembleWriter
+from latticeflow.ensemble import EnsembleWriter
 from latticeflow.errors import LatticeflowError
-from latticeflow.locking import refuse_if_in_use
 from latticeflow.samplers.chain import ChainResult, load_resume_state, run_chain
 
 log = logging.getLogger("latticeflow")
@@ -56,48 +53,6 @@ def check_seed(seed: int, option: str = "--seed") -> None:
         raise LatticeflowError(f"{option} must be an integer in [0, 2**63), got {seed}")
 
 
-def check_output_folder(out: Path) -> None:
-    folder = out.absolute().parent
-    if not folder.is_dir():
-        what = "is not a directory" if folder.exists() else "does not exist"
-        raise LatticeflowError(f"{out}: output folder {folder} {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LatticeflowError(f"{out}: output folder {folder} is not writable")
-
-
-def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], chunk: int,
-                expected: Mapping[str, Any] | None = None) -> EnsembleWriter:
-    """A writer for ``out``: resumed (``resume``), replaced (``force``) or new (refuses an
-    existing file otherwise).
-
-    ``expected``: header fields (:class:`EnsembleMetadata` names) that a file to be resumed
-    must match; they are checked read-only, before the file is opened for writing. A file that
-    another latticeflow process is writing is refused first, whatever the mode
-    (:class:`~latticeflow.locking.InUseError`), and left untouched.
-    """
-    check_output_folder(out)
-    if out.is_dir():
-        raise LatticeflowError(f"{out}: is a directory; give a file name for the ensemble")
-    if out.exists():
-        refuse_if_in_use(out)
-    if resume:
-        if not out.exists():
-            raise LatticeflowError(f"{out}: nothing to resume (no such file)")
-        if expected:
-            with EnsembleReader(out) as reader:
-                problem = metadata_mismatch(reader.metadata, expected)
-            if problem:
-                raise LatticeflowError(f"{out}: cannot resume: {problem}")
-        log.debug("resuming %s", out)
-        return EnsembleWriter.resume(out)
-    if out.exists() and not force:
-        raise LatticeflowError(f"{out}: already exists; use --resume to continue it or --force "
-                               "to overwrite it")
-    log.debug("%s %s (chunks of %d rows)", "replacing" if out.exists() else "creating", out,
-              chunk)
-    return EnsembleWriter.create(out, chunk_rows=chunk, force=force, **header)
-
-
 def run_to_file(sampler: Any, writer: EnsembleWriter, n: int, chunk: int,
                 summary: Callable[[ChainResult], str]) -> int:
     """Run ``sampler`` into ``writer`` until it holds ``n`` rows; log a summary line."""
@@ -116,14 +71,3 @@ def run_to_file(sampler: Any, writer: EnsembleWriter, n: int, chunk: int,
     log.info("%s: %d rows (%d new); %s", writer.path, result.n_complete, result.n_added,
              summary(result))
     return EXIT_OK
-
-
-def metadata_mismatch(metadata: EnsembleMetadata, expected: dict[str, Any]) -> str | None:
-    """The first header field of a file to be resumed that differs from this run's."""
-    for key, value in expected.items():
-        have = getattr(metadata, key)
-        if key == "lattice":
-            have, value = tuple(have), tuple(value)
-        if have != value:
-            return f"{key} is {have!r} in the file but {value!r} for this run"
-    return None

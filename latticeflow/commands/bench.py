@@ -21,8 +21,8 @@ from latticeflow.bench import (
     plot_scaling,
     scaling_records,
 )
-from latticeflow.commands._chainfile import check_output_folder
 from latticeflow.device import select_device, select_dtype
+from latticeflow.ensemble.output import check_output_folder
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import ESTIMATORS
 from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD

@@ -12,10 +12,10 @@ from latticeflow.commands._chainfile import (
     add_output_options,
     check_counts,
     check_seed,
-    open_output,
     run_to_file,
 )
 from latticeflow.device import select_device
+from latticeflow.ensemble.output import open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.hmc import INTEGRATORS, HMCConfig, HMCSampler
 from latticeflow.theories import load_action_card

@@ -28,7 +28,6 @@ from latticeflow.commands._chainfile import (
     add_output_options,
     check_counts,
     check_seed,
-    open_output,
     run_to_file,
 )
 from latticeflow.commands.hmc import parse_lattice
@@ -44,6 +43,7 @@ from latticeflow.distributed import (
     split_rows,
 )
 from latticeflow.ensemble import SHARDS_ATTR, join_shards
+from latticeflow.ensemble.output import open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
 from latticeflow.flows.compile import compile_forward

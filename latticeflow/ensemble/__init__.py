@@ -11,7 +11,9 @@ What lives where
 * :mod:`~latticeflow.ensemble.chunks`: how a chunk is committed ("Crash safety",
   "Durability") and the resume-state entries;
 * :mod:`~latticeflow.ensemble.reader`: :class:`EnsembleReader`, :func:`read_ensemble`;
-* :mod:`~latticeflow.ensemble.shards`: :func:`join_shards` ("Joined shards").
+* :mod:`~latticeflow.ensemble.shards`: :func:`join_shards` ("Joined shards");
+* :mod:`~latticeflow.ensemble.output`: :func:`~latticeflow.ensemble.output.open_output`, a
+  sampling run's output file (new, replaced or resumed) with the checks of a user's file.
 """
 
 from latticeflow.ensemble.reader import EnsembleReader, read_ensemble
