@@ -38,7 +38,7 @@ from latticeflow.config import Recipe
 from latticeflow.config import load_recipe as _load_recipe_file
 from latticeflow.device import select_device, select_dtype
 from latticeflow.ensemble import Ensemble, EnsembleWriter, read_ensemble
-from latticeflow.ensemble.output import open_output
+from latticeflow.ensemble.output import check_seed, open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.measure import AnalysisResult, ObservableResult, analyse
 from latticeflow.samplers.chain import Sampler, load_resume_state, run_chain
@@ -186,12 +186,6 @@ def _check_count(name: str, value: int) -> None:
         raise LatticeflowError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_seed(seed: int) -> None:
-    """A seed is stored as an int64 and seeds torch generators: 0 <= seed < 2**63."""
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise LatticeflowError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-
-
 def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: PathLike | None,
          resume: bool, force: bool) -> Ensemble:
     """Run ``sampler`` until the file holds ``n`` rows and return the ensemble in memory.
@@ -250,7 +244,7 @@ def nmcmc(flow: PathLike | LoadedFlow, n: int | None = None, *, batch_size: int 
     seed = sampling.seed if seed is None else seed
     for name, value in (("batch_size", batch_size), ("chains", chains)):
         _check_count(name, value)
-    _check_seed(seed)
+    check_seed(seed)
     if chunk % chains or n % chains:
         raise LatticeflowError(f"n ({n}) and chunk ({chunk}) must be multiples of chains "
                                f"({chains})")
@@ -282,7 +276,7 @@ def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
     """
     act = load_action(action)
     shape = _lattice(lattice)
-    _check_seed(seed)
+    check_seed(seed)
     select_device(device)  # rejects an unknown or absent device
     try:
         act.field_shape(shape)

@@ -47,12 +47,6 @@ def check_counts(args: argparse.Namespace) -> None:
                                    f"got {getattr(args, name)}")
 
 
-def check_seed(seed: int, option: str = "--seed") -> None:
-    """A seed is stored as an int64 and seeds torch generators: 0 <= seed < 2**63."""
-    if not 0 <= seed < 2**63:
-        raise LatticeflowError(f"{option} must be an integer in [0, 2**63), got {seed}")
-
-
 def run_to_file(sampler: Any, writer: EnsembleWriter, n: int, chunk: int,
                 summary: Callable[[ChainResult], str]) -> int:
     """Run ``sampler`` into ``writer`` until it holds ``n`` rows; log a summary line."""

@@ -11,11 +11,10 @@ from pathlib import Path
 from latticeflow.commands._chainfile import (
     add_output_options,
     check_counts,
-    check_seed,
     run_to_file,
 )
 from latticeflow.device import select_device
-from latticeflow.ensemble.output import open_output
+from latticeflow.ensemble.output import check_seed, open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.hmc import INTEGRATORS, HMCConfig, HMCSampler
 from latticeflow.theories import load_action_card
@@ -81,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_counts(args)
-    check_seed(args.seed)
+    check_seed(args.seed, "--seed")
     select_device(args.device)  # rejects an unknown or absent device
     action = load_action_card(args.action_card)
     try:

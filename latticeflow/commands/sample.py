@@ -27,7 +27,6 @@ import numpy as np
 from latticeflow.commands._chainfile import (
     add_output_options,
     check_counts,
-    check_seed,
     run_to_file,
 )
 from latticeflow.commands.hmc import parse_lattice
@@ -43,7 +42,7 @@ from latticeflow.distributed import (
     split_rows,
 )
 from latticeflow.ensemble import SHARDS_ATTR, join_shards
-from latticeflow.ensemble.output import open_output
+from latticeflow.ensemble.output import check_seed, open_output
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
 from latticeflow.flows.compile import compile_forward
@@ -143,7 +142,7 @@ def _sample(args: argparse.Namespace, context: DistributedContext | None) -> int
     chains = sampling.chains if args.chains is None else args.chains
     seed = sampling.seed if args.seed is None else args.seed
     check_counts(args)
-    check_seed(seed)
+    check_seed(seed, "--seed")
     if batch_size < 1:
         raise LatticeflowError(f"--batch-size must be a positive integer, got {batch_size}")
     if chains < 1:

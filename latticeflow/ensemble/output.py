@@ -20,6 +20,12 @@ from latticeflow.locking import refuse_if_in_use
 log = logging.getLogger("latticeflow")
 
 
+def check_seed(seed: object, option: str = "seed") -> None:
+    """A seed is stored as an int64 and seeds torch generators: an int with 0 <= seed < 2**63."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise LatticeflowError(f"{option} must be an integer in [0, 2**63), got {seed!r}")
+
+
 def check_output_folder(out: Path) -> None:
     folder = out.absolute().parent
     if not folder.is_dir():
