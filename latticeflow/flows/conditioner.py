@@ -1,4 +1,10 @@
-"""Translation-equivariant convolutional conditioners with periodic padding."""
+"""Translation-equivariant convolutional conditioners with periodic padding.
+
+Besides the forward pass, a conditioner gives the input gradient of its output in closed form
+(:func:`recorded` keeps the values between layers, :func:`input_vjp` runs the layers' input
+gradients backwards through them): one ATen backward kernel per layer and no parameter
+gradients, which is what the fast path's per-coupling score step needs (DESIGN §4).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,20 @@ ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "relu": nn.ReLU, "tanh": nn.Tanh, "ge
 
 
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# The input gradient of a convolution (no padding) is the transposed convolution of the output
+# gradient with the same weight.
+_TRANSPOSED_CONVOLUTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _fold_halo(grad: Tensor, p: int, axes: tuple[int, ...]) -> Tensor:
+    """The adjoint of periodic padding: add the halo of width ``p`` back onto the interior."""
+    for axis in axes:
+        n = grad.shape[axis] - 2 * p
+        inner = grad.narrow(axis, p, n).clone()
+        inner.narrow(axis, n - p, p).add_(grad.narrow(axis, 0, p))
+        inner.narrow(axis, 0, p).add_(grad.narrow(axis, n + p, p))
+        grad = inner
+    return grad
 
 
 class _CircularPad(torch.autograd.Function):
@@ -30,14 +50,7 @@ class _CircularPad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        p = ctx.p
-        for axis in ctx.axes:
-            n = grad.shape[axis] - 2 * p
-            inner = grad.narrow(axis, p, n).clone()
-            inner.narrow(axis, n - p, p).add_(grad.narrow(axis, 0, p))
-            inner.narrow(axis, 0, p).add_(grad.narrow(axis, n + p, p))
-            grad = inner
-        return grad, None, None
+        return _fold_halo(grad, ctx.p, ctx.axes), None, None
 
 
 class PeriodicConv(nn.Module):
@@ -54,10 +67,18 @@ class PeriodicConv(nn.Module):
         self.ndim, self.pad = ndim, kernel_size // 2
         self.conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim](c_in, c_out, kernel_size)
 
+    def _lattice_axes(self, dim: int) -> tuple[int, ...]:
+        return tuple(range(dim - self.ndim, dim))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.pad:
-            x = _CircularPad.apply(x, self.pad, tuple(range(x.dim() - self.ndim, x.dim())))
+            x = _CircularPad.apply(x, self.pad, self._lattice_axes(x.dim()))
         return self.conv(x)
+
+    def input_vjp(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
+        """∂(grad · self(x))/∂x for inputs of ``input_shape`` (the output is linear in x)."""
+        grad = _TRANSPOSED_CONVOLUTIONS[self.ndim](grad, self.conv.weight)
+        return _fold_halo(grad, self.pad, self._lattice_axes(len(input_shape))) if self.pad else grad
 
     def windows(self, rows: Tensor, extent: int) -> Tensor:
         """The input rows that output ``rows`` (of an axis of length ``extent``) read: for each
@@ -73,9 +94,64 @@ class PeriodicConv(nn.Module):
         others = tuple(a for a in range(x.dim() - self.ndim, x.dim()) if a != axis)
         if self.pad:
             x = _CircularPad.apply(x, self.pad, others)
+        return _CONVOLUTIONS[self.ndim](x, self.conv.weight, self.conv.bias,
+                                        stride=self._row_stride(axis, x.dim()))
+
+    def _row_stride(self, axis: int, dim: int) -> list[int]:
         stride = [1] * self.ndim
-        stride[axis - (x.dim() - self.ndim)] = self.conv.kernel_size[0]
-        return _CONVOLUTIONS[self.ndim](x, self.conv.weight, self.conv.bias, stride=stride)
+        stride[axis - (dim - self.ndim)] = self.conv.kernel_size[0]
+        return stride
+
+    def at_rows_input_vjp(self, grad: Tensor, input_shape: torch.Size, axis: int,
+                          windows: Tensor) -> Tensor:
+        """∂(grad · self.at_rows(x, axis, windows))/∂x for inputs of ``input_shape``.
+
+        Each output row reads its own window of k rows, so the window's gradient is a transposed
+        convolution along the other axes only, with the k kernel rows as k·c_in output channels
+        (a strided transposed convolution computes the same, several times slower on CPUs).
+        """
+        lattice_axes = self._lattice_axes(len(input_shape))
+        others = tuple(a for a in lattice_axes if a != axis)
+        k = self.conv.kernel_size[0]
+        weight = self.conv.weight.movedim(2 + axis - lattice_axes[0], 2).flatten(1, 2)
+        weight = weight.unsqueeze(2 + axis - lattice_axes[0])  # (c_out, c_in·k, 1 along axis)
+        grad = _TRANSPOSED_CONVOLUTIONS[self.ndim](grad, weight)
+        grad = grad.unflatten(1, (-1, k)).movedim(2, axis + 1).flatten(axis, axis + 1)
+        if self.pad:
+            grad = _fold_halo(grad, self.pad, others)
+        return grad.new_zeros(input_shape).index_add_(axis, windows, grad)
+
+
+#: Input gradients of the activations, one ATen backward kernel each:
+#: ``(module, grad of the output, input, output) → grad of the input``.
+_ACTIVATION_INPUT_VJPS = {
+    nn.LeakyReLU: lambda m, g, x, y: torch.ops.aten.leaky_relu_backward(g, x, m.negative_slope,
+                                                                       False),
+    nn.ReLU: lambda m, g, x, y: torch.ops.aten.threshold_backward(g, y, 0),
+    nn.Tanh: lambda m, g, x, y: torch.ops.aten.tanh_backward(g, y),
+    nn.GELU: lambda m, g, x, y: torch.ops.aten.gelu_backward(g, x, approximate=m.approximate),
+    nn.SiLU: lambda m, g, x, y: torch.ops.aten.silu_backward(g, x),
+}
+
+
+def recorded(layers: nn.Sequential, x: Tensor) -> list[Tensor]:
+    """``[x, layer₁(x), layer₂(layer₁(x)), …]``: every layer's input, then the output."""
+    values = [x]
+    for layer in layers:
+        values.append(layer(values[-1]))
+    return values
+
+
+def input_vjp(layers: nn.Sequential, values: list[Tensor], grad: Tensor) -> Tensor:
+    """∂(grad · layers(x))/∂x from ``values = recorded(layers, x)``, with no parameter
+    gradients and no autograd graph (periodic convolutions and :data:`ACTIVATIONS` only)."""
+    for layer, x, y in zip(reversed(layers), reversed(values[:-1]), reversed(values[1:]),
+                           strict=True):
+        if isinstance(layer, PeriodicConv):
+            grad = layer.input_vjp(grad, x.shape)
+        else:
+            grad = _ACTIVATION_INPUT_VJPS[type(layer)](layer, grad, x, y)
+    return grad
 
 
 def conv_net(

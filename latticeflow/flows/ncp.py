@@ -39,25 +39,52 @@ class NCPParams:
     shift: Tensor
 
 
+def _components(u: Tensor, p: NCPParams) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(g_s(u), g_s'(u), a, cos u, sin u) of every component, ``(batch, K, ...)``."""
+    a = torch.exp(p.log_scale)
+    cos_u = torch.cos(u).unsqueeze(1)
+    sin_u = torch.sin(u).unsqueeze(1)
+    g = u.unsqueeze(1) + 2 * torch.atan((a - 1) * sin_u / (1 + a + (1 - a) * cos_u))
+    dg = a / (0.5 * (1 + a * a) + 0.5 * (1 - a * a) * cos_u)
+    return g, dg, a, cos_u, sin_u
+
+
+def _second(dg: Tensor, a: Tensor, sin_u: Tensor) -> Tensor:
+    """g_s''(u) = a(1 − a²) sin u / (2D²) = g_s'² (1 − a²) sin u / (2a)."""
+    return dg * dg * (1 - a * a) * sin_u / (2 * a)
+
+
 def ncp(u: Tensor, p: NCPParams, need_second: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """h(u), h'(u) and h''(u) (``None`` unless ``need_second``); u ∈ [0, 2π), ``(batch, ...)``.
 
     h'' is returned without a graph: it only enters the fast path's detached score.
     """
-    a = torch.exp(p.log_scale)
-    cos_u = torch.cos(u).unsqueeze(1)
-    sin_u = torch.sin(u).unsqueeze(1)
-    g = u.unsqueeze(1) + 2 * torch.atan((a - 1) * sin_u / (1 + a + (1 - a) * cos_u))
-    a2 = a * a
-    denom = 0.5 * (1 + a2) + 0.5 * (1 - a2) * cos_u
-    dg = a / denom
+    g, dg, a, _, sin_u = _components(u, p)
     h = (p.weights * g).sum(1) + p.shift
     dh = (p.weights * dg).sum(1)
     if not need_second:
         return h, dh, None
     with torch.no_grad():
-        d2g = a * (1 - a2) * sin_u / (2 * denom * denom)
-        return h, dh, (p.weights * d2g).sum(1)
+        return h, dh, (p.weights * _second(dg, a, sin_u)).sum(1)
+
+
+def ncp_log_deriv_vjp(u: Tensor, p: NCPParams, grad_h: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradient of Σ [grad_h · h(u) + log h'(u)] in u, log_scale, weights and shift, in
+    closed form and without a graph (the NCP part of the fast path's score step).
+
+    With D as above, ∂g/∂log a = sin u · g', ∂g'/∂log a = g' (1 − g' a (1 − cos u)) and
+    ∂h/∂u = h', ∂log h'/∂u = h''/h'. Shapes follow ``u`` and ``p``.
+    """
+    g, dg, a, cos_u, sin_u = _components(u, p)
+    dh = (p.weights * dg).sum(1)
+    d2h = (p.weights * _second(dg, a, sin_u)).sum(1)
+    inv_dh = (1 / dh).unsqueeze(1)
+    grad_h_k = grad_h.unsqueeze(1)
+    grad_u = grad_h * dh + d2h / dh
+    grad_weights = grad_h_k * g + inv_dh * dg
+    grad_log_scale = p.weights * dg * (grad_h_k * sin_u + inv_dh * (1 - dg * a * (1 - cos_u)))
+    return grad_u, grad_log_scale, grad_weights, grad_h
 
 
 def ncp_inverse(v: Tensor, p: NCPParams) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,23 +2,39 @@
 
 Each coupling keeps one checkerboard parity frozen and maps the other as
 y_A = x_A · exp(s(x_F)) + t(x_F), with s, t from a periodic convolutional net of the frozen sites.
-Then ∂y_A/∂x_A = exp(s), log-derivative s, and ∂s/∂x_A = 0.
+Then ∂y_A/∂x_A = exp(s), log-derivative s, and ∂s/∂x_A = 0. The score step's VJP is
+∂/∂x_F [Σ_A (x_A e^s + t) s_A + s] = (∂(s, t)/∂x_F)ᵀ (x_A e^s s_A + 1, s_A), the conditioner's
+input gradient at that output gradient.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from latticeflow.flows.conditioner import conv_net
+from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.lattice import checkerboard
 
 
+@dataclass
+class AffineConditioning:
+    """``s``, ``t``: log-scale and shift, zero on frozen sites, ``(batch, *lattice)``;
+    ``values``: the conditioner's recorded layer inputs and raw output (for the score step)."""
+
+    s: Tensor
+    t: Tensor
+    values: list[Tensor]
+
+
 class AffineCoupling(MaskedCoupling):
     """Affine coupling on a boolean mask of active sites (shape = lattice)."""
+
+    closed_form_vjp = True
 
     def __init__(self, active: Tensor, hidden: list[int], kernel_size: int, activation: str,
                  scale_bound: float = 2.0):
@@ -26,22 +42,28 @@ class AffineCoupling(MaskedCoupling):
         self.net = conv_net(active.dim(), 1, 2, hidden, kernel_size, activation)
         self.scale_bound = scale_bound
 
-    def condition(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def condition(self, x: Tensor) -> AffineConditioning:
         """(s, t) on the active sites, zero on the frozen ones."""
         frozen = torch.where(self.active, 0.0, x)
-        out = self.net(frozen.unsqueeze(1))
+        values = recorded(self.net, frozen.unsqueeze(1))
+        out = values[-1]
         # A bounded log-scale per layer keeps early training stable; depth gives the range.
         s = self.scale_bound * torch.tanh(out[:, 0] / self.scale_bound)
-        return torch.where(self.active, s, 0.0), torch.where(self.active, out[:, 1], 0.0)
+        return AffineConditioning(torch.where(self.active, s, 0.0),
+                                  torch.where(self.active, out[:, 1], 0.0), values)
 
-    def transform(self, x: Tensor, cond: tuple[Tensor, Tensor], need_dlog: bool = False
+    def transform(self, x: Tensor, cond: AffineConditioning, need_dlog: bool = False
                   ) -> ElementwiseUpdate:
-        s, t = cond
-        return ElementwiseUpdate(x * torch.exp(s) + t, s)  # ∂s/∂x_A = 0: no dlog_deriv
+        return ElementwiseUpdate(x * torch.exp(cond.s) + cond.t, cond.s)  # ∂s/∂x_A = 0
 
-    def untransform(self, y: Tensor, cond: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        s, t = cond
-        return (y - t) * torch.exp(-s), s
+    def untransform(self, y: Tensor, cond: AffineConditioning) -> tuple[Tensor, Tensor]:
+        return (y - cond.t) * torch.exp(-cond.s), cond.s
+
+    def frozen_vjp(self, x: Tensor, cond: AffineConditioning, score_active: Tensor) -> Tensor:
+        grad_s = torch.where(self.active, score_active * x * torch.exp(cond.s) + 1, 0.0)
+        grad_raw_s = grad_s * (1 - (cond.s / self.scale_bound) ** 2)  # tanh' = 1 − tanh²
+        grad_out = torch.stack([grad_raw_s, score_active], dim=1)
+        return input_vjp(self.net, cond.values, grad_out).squeeze(1)
 
 
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | None = None,

@@ -16,22 +16,40 @@ by the coupling. They carry what the active plaquette's conditional density need
 Wilson action, p(P_active | R, rest) ∝ exp(β cos P_active + β cos(R − P_active)) with R the 1×2
 loop; the longer loops sum the rows that later couplings of the same direction will update.
 Cycling μ ∈ {0, 1} and k ∈ {0, 1, 2, 3} (mask period 4) covers every link.
+
+Score step (the fast path's VJP on the frozen links), in closed form: with s the score on the
+updated links, the NCP part gives the gradient of Σ [s (h(u) − u) + log h'(u)] in u and in the
+NCP parameters (:func:`~latticeflow.flows.ncp.ncp_log_deriv_vjp`); the parameter gradient runs
+back through the softmax and the conditioner (:func:`~latticeflow.flows.conditioner.input_vjp`)
+to the features, whose angles' gradient is −sin A ∂/∂cos A + cos A ∂/∂sin A; the loops' and the
+active plaquettes' gradients are gathered on the plaquettes, and the plaquettes' on the links.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from latticeflow.flows.conditioner import conv_net
+from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
-from latticeflow.flows.ncp import TWO_PI, NCPParams, ncp, ncp_inverse
+from latticeflow.flows.ncp import TWO_PI, NCPParams, ncp, ncp_inverse, ncp_log_deriv_vjp
 from latticeflow.flows.plaquette_prior import PlaquettePrior
 from latticeflow.flows.priors import UniformAnglePrior
-from latticeflow.lattice import plaquette, stripes
+from latticeflow.lattice import plaquette, plaquette_adjoint, stripes
 
 MASK_PERIOD = 4
+
+
+@dataclass
+class PlaquetteConditioning:
+    """``ncp``: the NCP parameters on the active plaquette rows; ``values``: the inputs of the
+    conditioner's layers but the last (features first) and the last one's input."""
+
+    ncp: NCPParams
+    values: list[Tensor]
 
 
 class PlaquetteCoupling(MaskedCoupling):
@@ -40,6 +58,8 @@ class PlaquetteCoupling(MaskedCoupling):
     The NCP maps, and the conditioner's last layer, are evaluated only on the active plaquette
     rows (a quarter of the lattice), gathered with ``index_select`` along the stripe axis.
     """
+
+    closed_form_vjp = True
 
     def __init__(self, lattice: tuple[int, int], mu: int, offset: int, n_mixture: int,
                  hidden: list[int], kernel_size: int, activation: str, loop_length: int = 2):
@@ -74,7 +94,7 @@ class PlaquetteCoupling(MaskedCoupling):
         # The last layer is evaluated on the active plaquette rows only (a quarter of the sites).
         self.register_buffer("plaq_windows", self.net[-1].windows(rows, n), persistent=False)
 
-    def condition(self, x: Tensor) -> NCPParams:
+    def condition(self, x: Tensor) -> PlaquetteConditioning:
         """NCP parameters on the active plaquette rows, from (cos P, sin P) of frozen plaquettes
         and (cos, sin) of the 1×k loops (k = 2..loop_length) on the active rows."""
         plaq = plaquette(x)
@@ -86,9 +106,11 @@ class PlaquetteCoupling(MaskedCoupling):
         # Channels (cos P, sin P, cos L₂, sin L₂, ...), each kept where it is read.
         features = torch.stack([angles.cos(), angles.sin()], dim=2).flatten(1, 2)
         features = torch.where(self.feature_mask, features, 0.0)
-        out = self.net[-1].at_rows(self.net[:-1](features), self.axis + 1, self.plaq_windows)
+        values = recorded(self.net[:-1], features)
+        out = self.net[-1].at_rows(values[-1], self.axis + 1, self.plaq_windows)
         k = self.n_mixture
-        return NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k])
+        return PlaquetteConditioning(
+            NCPParams(out[:, :k], torch.softmax(out[:, k:2 * k], dim=1), out[:, 2 * k]), values)
 
     def _active_angles(self, x: Tensor) -> Tensor:
         """Active plaquette angles in [0, 2π), ``(batch, ...)`` on the active rows."""
@@ -101,18 +123,46 @@ class PlaquetteCoupling(MaskedCoupling):
         zero = rows.new_zeros(shape)
         return torch.stack([on_link, zero] if self.mu == 0 else [zero, on_link], dim=1)
 
-    def transform(self, x: Tensor, cond: NCPParams, need_dlog: bool = False
+    def transform(self, x: Tensor, cond: PlaquetteConditioning, need_dlog: bool = False
                   ) -> ElementwiseUpdate:
         u = self._active_angles(x)
-        h, dh, d2h = ncp(u, cond, need_second=need_dlog)
+        h, dh, d2h = ncp(u, cond.ncp, need_second=need_dlog)
         y = torch.where(self.active, torch.remainder(x + self._to_links(h - u), TWO_PI), x)
         dlog = None if d2h is None else self._to_links(d2h / dh)
         return ElementwiseUpdate(y, self._to_links(torch.log(dh)), dlog)
 
-    def untransform(self, y: Tensor, cond: NCPParams) -> tuple[Tensor, Tensor]:
-        u, target, dh = ncp_inverse(self._active_angles(y), cond)
+    def untransform(self, y: Tensor, cond: PlaquetteConditioning) -> tuple[Tensor, Tensor]:
+        u, target, dh = ncp_inverse(self._active_angles(y), cond.ncp)
         x = torch.where(self.active, torch.remainder(y - self._to_links(target - u), TWO_PI), y)
         return x, self._to_links(torch.log(dh))
+
+    def frozen_vjp(self, x: Tensor, cond: PlaquetteConditioning, score_active: Tensor
+                   ) -> Tensor:
+        p = cond.ncp
+        score = score_active[:, self.mu].index_select(self.axis, self.link_rows)
+        # y − x = h(u) − u on the updated links: the map's gradient is s (h' − 1) + h''/h'.
+        grad_u, grad_log_scale, grad_weights, grad_shift = ncp_log_deriv_vjp(
+            self._active_angles(x), p, score)
+        grad_u = grad_u - score
+        grad_logits = p.weights * (grad_weights - (p.weights * grad_weights).sum(1, keepdim=True))
+        grad_out = torch.cat([grad_log_scale, grad_logits, grad_shift.unsqueeze(1)], dim=1)
+        hidden = cond.values[-1]
+        grad_hidden = self.net[-1].at_rows_input_vjp(grad_out, hidden.shape, self.axis + 1,
+                                                     self.plaq_windows)
+        grad_features = input_vjp(self.net[:-1], cond.values, grad_hidden)
+        # Features (cos A, sin A) per angle A, masked alike: ∂/∂A = −sin A ∂/∂cos A + cos A ∂/∂sin A.
+        features = cond.values[0].unflatten(1, (-1, 2))
+        grad_features = grad_features.unflatten(1, (-1, 2))
+        grad_angles = (features[:, :, 0] * grad_features[:, :, 1]
+                       - features[:, :, 1] * grad_features[:, :, 0])
+        # Angle j is Σ_{k ≤ j} P rolled by k·shift: P gets Σ_k (Σ_{j ≥ k} grad_j) rolled back.
+        tail = grad_angles[:, -1]
+        grad_plaq = torch.roll(tail, -(self.loop_length - 1) * self.passive_shift, self.axis)
+        for k in range(self.loop_length - 2, -1, -1):
+            tail = tail + grad_angles[:, k]
+            grad_plaq = grad_plaq + torch.roll(tail, -k * self.passive_shift, self.axis)
+        grad_plaq = grad_plaq.index_add(self.axis, self.plaq_rows, grad_u)
+        return plaquette_adjoint(grad_plaq)
 
 
 PRIORS = ("uniform", "plaquette")
