@@ -83,7 +83,7 @@ def test_frozen_vjp_matches_autograd(theory, lattice, arch):
         with torch.no_grad():
             closed = coupling.frozen_vjp(x, coupling.condition(x), score)
 
-        def objective_terms(t, coupling=coupling):
+        def objective_terms(t, coupling=coupling, score=score):
             u = coupling.transform(t, coupling.condition(t))
             return (u.y * score).sum() + u.log_deriv.sum()
 

@@ -78,7 +78,9 @@ class PeriodicConv(nn.Module):
     def input_vjp(self, grad: Tensor, input_shape: torch.Size) -> Tensor:
         """∂(grad · self(x))/∂x for inputs of ``input_shape`` (the output is linear in x)."""
         grad = _TRANSPOSED_CONVOLUTIONS[self.ndim](grad, self.conv.weight)
-        return _fold_halo(grad, self.pad, self._lattice_axes(len(input_shape))) if self.pad else grad
+        if not self.pad:
+            return grad
+        return _fold_halo(grad, self.pad, self._lattice_axes(len(input_shape)))
 
     def windows(self, rows: Tensor, extent: int) -> Tensor:
         """The input rows that output ``rows`` (of an axis of length ``extent``) read: for each

@@ -150,7 +150,8 @@ class PlaquetteCoupling(MaskedCoupling):
         grad_hidden = self.net[-1].at_rows_input_vjp(grad_out, hidden.shape, self.axis + 1,
                                                      self.plaq_windows)
         grad_features = input_vjp(self.net[:-1], cond.values, grad_hidden)
-        # Features (cos A, sin A) per angle A, masked alike: ∂/∂A = −sin A ∂/∂cos A + cos A ∂/∂sin A.
+        # Features (cos A, sin A) per angle A, masked alike:
+        # ∂/∂A = −sin A ∂/∂cos A + cos A ∂/∂sin A.
         features = cond.values[0].unflatten(1, (-1, 2))
         grad_features = grad_features.unflatten(1, (-1, 2))
         grad_angles = (features[:, :, 0] * grad_features[:, :, 1]
