@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from latticeflow import __version__
-from latticeflow.allocator import keep_freed_memory
 from latticeflow.console import StderrHandler, install_stderr_handler
 from latticeflow.errors import LatticeflowError
 
@@ -112,7 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         setup_logging(logging.WARNING if args.quiet else
                       logging.DEBUG if args.verbose else logging.INFO)
-        keep_freed_memory()
         return int(args.handler(args) or EXIT_OK)
     except (LatticeflowError, OSError) as exc:
         # OSError: a file or folder the system refused (permissions, not a directory, disk
