@@ -61,6 +61,17 @@ def plaquette_adjoint(g: Tensor) -> Tensor:
     return torch.stack([g - shift(g, 1, -1), shift(g, 0, -1) - g], dim=1)
 
 
+def mod_2pi(angle: Tensor) -> Tensor:
+    """Angles mod 2π in the half-open interval [0, 2π), in the input's dtype (float32 or float64).
+
+    ``torch.remainder(x, 2π)`` rounds to exactly 2π (in the dtype) for x just below a multiple of
+    2π, e.g. x = −1e-9 in float32; such values are mapped to 0, the same point of the circle up to
+    that rounding. The gradient is 1, as for ``remainder``.
+    """
+    y = torch.remainder(angle, 2 * math.pi)
+    return torch.where(y >= 2 * math.pi, y - 2 * math.pi, y)
+
+
 def wrap(angle: Tensor) -> Tensor:
     """Map angles to (−π, π]."""
     return torch.pi - torch.remainder(torch.pi - angle, 2 * torch.pi)

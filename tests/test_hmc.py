@@ -9,13 +9,12 @@ import torch
 from scipy.special import iv
 
 from latticeflow.errors import LatticeflowError
-from latticeflow.lattice import plaquette
+from latticeflow.lattice import mod_2pi, plaquette
 from latticeflow.samplers.hmc import (
     INTEGRATORS,
     HMCConfig,
     HMCSampler,
     kinetic_energy,
-    wrap_angles,
 )
 from latticeflow.theories import Action, Phi4, U1Wilson
 
@@ -183,9 +182,9 @@ def test_rows_do_not_depend_on_how_they_are_requested() -> None:
     assert split.n_trajectories == 2 * 7        # 7 sweeps of 2 trajectories
 
 
-def test_wrap_angles_range() -> None:
+def test_mod_2pi_range() -> None:
     x = torch.tensor([-1e-300, -2 * np.pi, 7.0, 2 * np.pi, -3.0], dtype=torch.float64)
-    y = wrap_angles(x)
+    y = mod_2pi(x)
     assert bool(((y >= 0) & (y < 2 * np.pi)).all())
     assert torch.allclose(torch.cos(y), torch.cos(x), atol=1e-15)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from latticeflow.flows.rootfind import solve_increasing
+from latticeflow.lattice import mod_2pi
 
 TWO_PI = 2 * torch.pi
 
@@ -94,7 +95,7 @@ def ncp_inverse(v: Tensor, p: NCPParams) -> tuple[Tensor, Tensor, Tensor]:
     Newton step whose derivative is detached, u = u₀ − (h(u₀) − v*)/sg(h'(u₀)): the value is u₀ and
     the first derivatives in v and in the parameters are those of the implicit function theorem.
     """
-    target = p.shift + torch.remainder(v - p.shift, TWO_PI)
+    target = p.shift + mod_2pi(v - p.shift)
     detached = NCPParams(p.log_scale.detach(), p.weights.detach(), p.shift.detach())
     root = solve_increasing(lambda w: ncp(w, detached, need_second=False)[:2],
                             target.detach(), 0.0, TWO_PI)

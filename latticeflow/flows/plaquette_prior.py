@@ -33,22 +33,35 @@ import torch
 from torch import Tensor
 
 from latticeflow.flows.priors import Prior
-from latticeflow.lattice import gauge_transform, plaquette, plaquette_adjoint
+from latticeflow.lattice import gauge_transform, mod_2pi, plaquette, plaquette_adjoint
 
 TWO_PI = 2 * math.pi
 
 
 def von_mises(concentration: float, shape: tuple[int, ...], *, device=None, dtype=None,
               generator: torch.Generator | None = None) -> Tensor:
-    """Angles in (−π, π] with density e^{κ cos P} / (2π I₀(κ)), κ = ``concentration`` > 0.
+    """Angles in (−π, π] with density e^{κ cos P} / (2π I₀(κ)), κ = ``concentration`` ≥ 0.
 
     Best and Fisher's wrapped-Cauchy rejection sampler (Appl. Statist. 28 (1979) 152), vectorised:
     every round redraws the rejected entries. The acceptance rate is at least 0.66 for every κ.
     Computed in float64 and returned in ``dtype``.
+
+    The wrapped-Cauchy parameter ρ = (τ − √(2τ)) / (2κ), τ = 1 + √(1 + 4κ²), is evaluated as
+    ρ = 2κ / (τ + √(2τ)) (equal, since τ(τ − 2) = 4κ²), which has no cancellation: ρ ≈ κ/2 and
+    r = (1 + ρ²)/(2ρ) ≈ 1/κ stay exact to rounding for small κ. Below κ = 2⁻⁵⁴ the uniform
+    density is returned instead (κ = 0 exactly, and where r would overflow): the density ratio to
+    uniform, e^{κ cos P}/I₀(κ), then lies within (1 − 2⁻⁵⁴, 1 + 2⁻⁵⁴) and rounds to 1 in float64,
+    so the two distributions agree to float64 resolution.
     """
     kappa = float(concentration)
+    if not kappa >= 0:
+        raise ValueError(f"the von Mises concentration must be >= 0, got {concentration}")
+    dtype = dtype or torch.get_default_dtype()
+    if kappa < 2.0**-54:
+        u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+        return (math.pi - TWO_PI * u).to(dtype)
     tau = 1 + math.sqrt(1 + 4 * kappa * kappa)
-    rho = (tau - math.sqrt(2 * tau)) / (2 * kappa)
+    rho = 2 * kappa / (tau + math.sqrt(2 * tau))
     r = (1 + rho * rho) / (2 * rho)
     out = torch.empty(math.prod(shape), dtype=torch.float64, device=device)
     todo = torch.arange(out.numel(), device=device)
@@ -62,7 +75,7 @@ def von_mises(concentration: float, shape: tuple[int, ...], *, device=None, dtyp
         angle = torch.sign(u[2] - 0.5) * torch.acos(f.clamp(-1.0, 1.0))
         out[todo[accept]] = angle[accept]
         todo = todo[~accept]
-    return out.view(shape).to(dtype or torch.get_default_dtype())
+    return out.view(shape).to(dtype)
 
 
 def comb_gauge_links(plaq: Tensor, holonomy: Tensor) -> Tensor:
@@ -126,7 +139,7 @@ class PlaquettePrior(Prior):
         by = torch.stack([site // self.lattice[1], site % self.lattice[1]], dim=1)
         links = _translate(links, by)
         links = gauge_transform(links, uniform[:, 2:].view(n, *self.lattice))
-        return torch.remainder(links, TWO_PI)
+        return mod_2pi(links)
 
     def log_prob(self, z):
         c = self.concentration * torch.cos(plaquette(z)).flatten(1)

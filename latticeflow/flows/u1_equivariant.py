@@ -35,10 +35,10 @@ from torch import Tensor
 from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
-from latticeflow.flows.ncp import TWO_PI, NCPParams, ncp, ncp_inverse, ncp_log_deriv_vjp
+from latticeflow.flows.ncp import NCPParams, ncp, ncp_inverse, ncp_log_deriv_vjp
 from latticeflow.flows.plaquette_prior import PlaquettePrior
 from latticeflow.flows.priors import UniformAnglePrior
-from latticeflow.lattice import plaquette, plaquette_adjoint, stripes
+from latticeflow.lattice import mod_2pi, plaquette, plaquette_adjoint, stripes
 
 MASK_PERIOD = 4
 
@@ -114,7 +114,7 @@ class PlaquetteCoupling(MaskedCoupling):
 
     def _active_angles(self, x: Tensor) -> Tensor:
         """Active plaquette angles in [0, 2π), ``(batch, ...)`` on the active rows."""
-        return torch.remainder(plaquette(x).index_select(self.axis, self.plaq_rows), TWO_PI)
+        return mod_2pi(plaquette(x).index_select(self.axis, self.plaq_rows))
 
     def _to_links(self, rows: Tensor) -> Tensor:
         """Place a quantity on the active plaquette rows onto the updated links (zero elsewhere)."""
@@ -127,13 +127,13 @@ class PlaquetteCoupling(MaskedCoupling):
                   ) -> ElementwiseUpdate:
         u = self._active_angles(x)
         h, dh, d2h = ncp(u, cond.ncp, need_second=need_dlog)
-        y = torch.where(self.active, torch.remainder(x + self._to_links(h - u), TWO_PI), x)
+        y = torch.where(self.active, mod_2pi(x + self._to_links(h - u)), x)
         dlog = None if d2h is None else self._to_links(d2h / dh)
         return ElementwiseUpdate(y, self._to_links(torch.log(dh)), dlog)
 
     def untransform(self, y: Tensor, cond: PlaquetteConditioning) -> tuple[Tensor, Tensor]:
         u, target, dh = ncp_inverse(self._active_angles(y), cond.ncp)
-        x = torch.where(self.active, torch.remainder(y - self._to_links(target - u), TWO_PI), y)
+        x = torch.where(self.active, mod_2pi(y - self._to_links(target - u)), y)
         return x, self._to_links(torch.log(dh))
 
     def frozen_vjp(self, x: Tensor, cond: PlaquetteConditioning, score_active: Tensor
@@ -178,7 +178,8 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
     ``prior``: ``"uniform"`` (Haar: independent uniform links) or ``"plaquette"``
     (:class:`~latticeflow.flows.plaquette_prior.PlaquettePrior`, independent von Mises plaquettes
     of concentration ``beta``, the Wilson action's β; exact on an open lattice, so the couplings
-    only learn what the periodic boundary changes).
+    only learn what the periodic boundary changes). At ``beta = 0`` the plaquette prior is the
+    uniform link density (its κ → 0 limit), so the uniform prior is used.
 
     Coupling k updates direction μ = k mod 2. The stripes of a direction are visited in the order
     that moves away from the passive plaquettes: an update changes its active plaquette row and,
@@ -194,7 +195,7 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
         raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
     if prior == "plaquette" and beta is None:
         raise ValueError("the plaquette prior needs the action's beta")
-    base = (UniformAnglePrior((2, *lattice)) if prior == "uniform"
+    base = (UniformAnglePrior((2, *lattice)) if prior == "uniform" or beta == 0
             else PlaquettePrior(tuple(lattice), beta))
     couplings = [
         PlaquetteCoupling(tuple(lattice), k % 2, (k // 2 if k % 2 else -(k // 2)) % MASK_PERIOD,

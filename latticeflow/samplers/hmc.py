@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from latticeflow.errors import LatticeflowError
+from latticeflow.lattice import mod_2pi
 from latticeflow.theories import Action, action_from_table
 
 Force = Callable[[Tensor], Tensor]
@@ -84,12 +85,6 @@ INTEGRATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 def kinetic_energy(p: Tensor) -> Tensor:
     """½ Σ p² per configuration, ``(batch,)``."""
     return 0.5 * (p * p).sum(tuple(range(1, p.dim())))
-
-
-def wrap_angles(x: Tensor) -> Tensor:
-    """Map angles to [0, 2π)."""
-    y = torch.remainder(x, 2 * math.pi)
-    return torch.where(y >= 2 * math.pi, y - 2 * math.pi, y)
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -264,7 +259,7 @@ class HMCSampler:
         delta_h = self.action(x1) + kinetic_energy(p1) - h0
         accept = self._rand((x0.shape[0],)) < torch.exp(-delta_h)   # NaN, +inf → reject
         x = torch.where(accept.view(-1, *[1] * len(self.field_shape)), x1, x0)
-        self._x = wrap_angles(x) if self._periodic else x
+        self._x = mod_2pi(x) if self._periodic else x
         self._last_action = self.action(self._x).double().cpu().numpy()
         self._last_delta_h = delta_h.double().cpu().numpy()
         self._last_accepted = accept.cpu().numpy()
