@@ -29,7 +29,9 @@ empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``act
 (the conditioner also sees the 1×k loops, k = 2..loop_length, through the updated links;
 1 means plaquettes only; default 2) and ``prior``: ``"plaquette"`` (default: independent von
 Mises plaquettes at the card's β, see ``flows/plaquette_prior.py``) or ``"uniform"`` (uniform
-links), all U(1) only and rejected for φ⁴.
+links), all U(1) only and rejected for φ⁴. φ⁴ only: ``base``: ``"normal"`` (default) or
+``"fourier"`` (a learnable translation-invariant Gaussian before the couplings, see
+``flows/fourier.py``) and ``fourier_terms`` int >= 1 (its precision polynomial's terms, 3).
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -78,6 +80,7 @@ from latticeflow.errors import ConfigError
 from latticeflow.estimators import ESTIMATORS, direction
 from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
 from latticeflow.flows.conditioner import ACTIVATIONS
+from latticeflow.flows.realnvp import BASES as PHI4_BASES
 from latticeflow.flows.u1_equivariant import PRIORS as U1_PRIORS
 from latticeflow.theories import Action, action_from_table, load_action_card
 from latticeflow.toml_fields import Table, read_toml
@@ -299,6 +302,9 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     for key in ("n_mixture", "loop_length", "prior"):
         if theory != "u1" and table.has(key):
             raise table.error(key, "only applies to the u1 flow")
+    for key in ("base", "fourier_terms"):
+        if theory != "phi4" and table.has(key):
+            raise table.error(key, "only applies to the phi4 flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
                                                          low=1)}
     hidden = table.get("hidden", list, defaults["hidden"])
@@ -318,6 +324,9 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["loop_length"] = table.integer("loop_length", defaults["loop_length"], low=1,
                                             high=MASK_PERIOD)
         arch["prior"] = table.choice("prior", U1_PRIORS, defaults["prior"])
+    else:
+        arch["base"] = table.choice("base", PHI4_BASES, defaults["base"])
+        arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
     table.finish()
     return arch
 

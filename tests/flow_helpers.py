@@ -11,13 +11,20 @@ ARCHS = {
     "phi4": {"n_couplings": 4, "hidden": [4], "kernel_size": 3},
     "u1": {"n_couplings": 4, "n_mixture": 3, "hidden": [4], "kernel_size": 3, "loop_length": 4},
 }
+#: Flow variants: "<theory>-<variant>" builds the theory's flow with these overrides.
+ARCHS["phi4-fourier"] = {**ARCHS["phi4"], "base": "fourier"}
 #: Action parameters for the flows' base densities (the U(1) default, the plaquette prior).
-PARAMS = {"phi4": None, "u1": {"beta": 1.5}}
+PARAMS = {"phi4": None, "phi4-fourier": None, "u1": {"beta": 1.5}}
+
+
+def theory_of(variant: str) -> str:
+    """The theory of a flow variant name ("phi4-fourier" → "phi4")."""
+    return variant.split("-", 1)[0]
 
 
 def random_flow(theory: str, lattice=(4, 4), std: float = 0.15, seed: int = 0) -> Flow:
     torch.manual_seed(seed)
-    flow = build_flow(theory, lattice, ARCHS[theory], PARAMS[theory]).double()
+    flow = build_flow(theory_of(theory), lattice, ARCHS[theory], PARAMS[theory]).double()
     with torch.no_grad():
         for p in flow.parameters():
             p.normal_(0.0, std)

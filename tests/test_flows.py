@@ -2,14 +2,14 @@ import math
 
 import pytest
 import torch
-from flow_helpers import ARCHS, PARAMS, random_flow, wrap_difference
+from flow_helpers import ARCHS, PARAMS, random_flow, theory_of, wrap_difference
 
 from latticeflow.flows import build_flow
 from latticeflow.flows.ncp import NCPParams, ncp, ncp_inverse
 from latticeflow.flows.rootfind import default_tolerance
 from latticeflow.lattice import gauge_transform
 
-THEORIES = ["phi4", "u1"]
+THEORIES = ["phi4", "phi4-fourier", "u1"]
 
 
 def _difference(theory, a, b):
@@ -73,7 +73,7 @@ def test_translation_equivariance_by_mask_period(theory, period, lattice_axes):
 @pytest.mark.parametrize("theory", THEORIES)
 def test_weights_do_not_depend_on_lattice_size(theory):
     small = random_flow(theory, (4, 4))
-    large = build_flow(theory, (8, 8), ARCHS[theory], PARAMS[theory]).double()
+    large = build_flow(theory_of(theory), (8, 8), ARCHS[theory], PARAMS[theory]).double()
     large.load_state_dict(small.state_dict())  # strict: every weight fits
     x, log_q = large.sample(2)
     assert x.shape[-2:] == (8, 8) and torch.isfinite(log_q).all()

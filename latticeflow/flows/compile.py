@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from latticeflow.errors import LatticeflowError
+from latticeflow.flows.coupling import MaskedCoupling
 from latticeflow.flows.flow import Flow
 
 #: Compiled variants one code object may hold (couplings × grad modes × shapes of a run).
@@ -47,7 +48,7 @@ def compile_couplings(flow: Flow, backend: str = "inductor") -> Flow:
                                                 CACHE_SIZE_LIMIT)
     torch._functorch.config.donated_buffer = False
     for coupling in flow.couplings:
-        if "condition" in vars(coupling):
+        if not isinstance(coupling, MaskedCoupling) or "condition" in vars(coupling):
             continue
         coupling.condition = torch.compile(coupling.condition, backend=backend, dynamic=False)
         coupling.transform = torch.compile(coupling.transform, backend=backend, dynamic=False)

@@ -1,6 +1,11 @@
-"""A normalizing flow: a base density followed by a stack of masked couplings.
+"""A normalizing flow: a base density followed by a stack of layers.
 
 x = T(z) = T_K ∘ … ∘ T_1(z), z ~ q₀, log q(x) = log q₀(z) − Σ_k log|det J_k|.
+
+A layer is a module with ``forward``/``inverse`` (the map and its log-determinant) and
+``forward_and_score``/``inverse_and_score`` (one step of the score recursion, DESIGN §4): the
+masked couplings (:class:`~latticeflow.flows.coupling.MaskedCoupling`) and the linear Fourier
+Gaussian layer (:class:`~latticeflow.flows.fourier.FourierGaussian`).
 """
 
 from __future__ import annotations
@@ -8,14 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from latticeflow.flows.coupling import MaskedCoupling
 from latticeflow.flows.priors import Prior
 
 
 class Flow(nn.Module):
-    """Flow over fields of shape ``prior.field_shape``; batches are ``(batch, *field_shape)``."""
+    """Flow over fields of shape ``prior.field_shape``; batches are ``(batch, *field_shape)``.
 
-    def __init__(self, prior: Prior, couplings: list[MaskedCoupling]):
+    ``couplings``: the layers in sampling order (the name is kept for checkpoint keys).
+    """
+
+    def __init__(self, prior: Prior, couplings: list[nn.Module]):
         super().__init__()
         self.prior = prior
         self.couplings = nn.ModuleList(couplings)

@@ -17,8 +17,13 @@ from torch import Tensor
 from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
+from latticeflow.flows.fourier import FourierGaussian
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.lattice import checkerboard
+
+
+#: Base densities of the φ⁴ flow (the ``[flow] base`` key).
+BASES = ("normal", "fourier")
 
 
 @dataclass
@@ -67,16 +72,23 @@ class AffineCoupling(MaskedCoupling):
 
 
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | None = None,
-            kernel_size: int = 3, activation: str = "leaky_relu") -> Flow:
+            kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
+            fourier_terms: int = 3) -> Flow:
     """A RealNVP flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
-    Mask period 2: the flow is equivariant under translations by two sites along any axis.
+    ``base``: ``"normal"`` (a standard normal per site) or ``"fourier"`` (the same noise through
+    a learnable :class:`~latticeflow.flows.fourier.FourierGaussian` of ``fourier_terms``
+    coefficients, before the couplings). Mask period 2: the flow is equivariant under
+    translations by two sites along any axis.
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
     hidden = [8, 8] if hidden is None else list(hidden)
-    couplings = [
-        AffineCoupling(checkerboard(lattice, k % 2), hidden, kernel_size, activation)
-        for k in range(n_couplings)
-    ]
-    return Flow(NormalPrior(tuple(lattice)), couplings)
+    if base not in BASES:
+        raise ValueError(f"unknown base {base!r}; choose one of {', '.join(BASES)}")
+    layers: list[torch.nn.Module] = []
+    if base == "fourier":
+        layers.append(FourierGaussian(tuple(lattice), fourier_terms))
+    layers += [AffineCoupling(checkerboard(lattice, k % 2), hidden, kernel_size, activation)
+               for k in range(n_couplings)]
+    return Flow(NormalPrior(tuple(lattice)), layers)
