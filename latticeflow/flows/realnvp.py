@@ -21,7 +21,6 @@ from latticeflow.flows.fourier import FourierGaussian
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.lattice import checkerboard
 
-
 #: Base densities of the φ⁴ flow (the ``[flow] base`` key).
 BASES = ("normal", "fourier")
 
