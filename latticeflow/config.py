@@ -31,7 +31,9 @@ empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``act
 Mises plaquettes at the card's β, see ``flows/plaquette_prior.py``) or ``"uniform"`` (uniform
 links), all U(1) only and rejected for φ⁴. φ⁴ only: ``base``: ``"normal"`` (default) or
 ``"fourier"`` (a learnable translation-invariant Gaussian before the couplings, see
-``flows/fourier.py``) and ``fourier_terms`` int >= 1 (its precision polynomial's terms, 3).
+``flows/fourier.py``), ``fourier_terms`` int >= 1 (its precision polynomial's terms, 3),
+``transform``: ``"affine"`` (default) or ``"spline"`` (rational-quadratic spline couplings,
+``flows/spline_coupling.py``) with ``n_bins`` int >= 2 (8) and ``spline_bound`` float > 0 (3.0).
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -81,6 +83,7 @@ from latticeflow.estimators import ESTIMATORS, direction
 from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
 from latticeflow.flows.conditioner import ACTIVATIONS
 from latticeflow.flows.realnvp import BASES as PHI4_BASES
+from latticeflow.flows.realnvp import TRANSFORMS as PHI4_TRANSFORMS
 from latticeflow.flows.u1_equivariant import PRIORS as U1_PRIORS
 from latticeflow.theories import Action, action_from_table, load_action_card
 from latticeflow.toml_fields import Table, read_toml
@@ -302,7 +305,7 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     for key in ("n_mixture", "loop_length", "prior"):
         if theory != "u1" and table.has(key):
             raise table.error(key, "only applies to the u1 flow")
-    for key in ("base", "fourier_terms"):
+    for key in ("base", "fourier_terms", "transform", "n_bins", "spline_bound"):
         if theory != "phi4" and table.has(key):
             raise table.error(key, "only applies to the phi4 flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
@@ -327,6 +330,10 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     else:
         arch["base"] = table.choice("base", PHI4_BASES, defaults["base"])
         arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
+        arch["transform"] = table.choice("transform", PHI4_TRANSFORMS, defaults["transform"])
+        arch["n_bins"] = table.integer("n_bins", defaults["n_bins"], low=2)
+        arch["spline_bound"] = table.number("spline_bound", defaults["spline_bound"],
+                                          low=0.0, low_open=True)
     table.finish()
     return arch
 

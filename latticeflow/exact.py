@@ -69,7 +69,7 @@ orders, where it decays only algebraically: integrating by parts,
 2 (C/N)^V (1 + N/(V − 1)) to Z(θ)/I₀^V ≥ 1, C = e^β / (π I₀(β)). N is the first order where this
 is below 1e-14, so each P(q) is exact to about 1e-14 (absolute); g(ν) e^{−β} is integrated by
 Gauss–Legendre quadrature on [0, π] (accurate to ~1e-14 for the orders needed). Small tori at
-large β need many orders (N grows like C (V/1e-14)^{1/(V−1)}); they are refused beyond
+large β need many orders (N grows like C (1e14)^{1/(V−1)}); they are refused beyond
 ``_MAX_CHARGE_ORDERS``.
 
 *Wilson loops.* Inserting W = e^{i Σ_{x∈A} P(x)} for a planar R × T loop enclosing A = RT plaquettes
@@ -89,7 +89,7 @@ from scipy import integrate, special
 _TRUNCATION = 1e-17
 _MAX_N = 100_000
 _CHARGE_TAIL = 1e-14
-_MAX_CHARGE_ORDERS = 2_000
+_MAX_CHARGE_ORDERS = 500
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +262,9 @@ def _g_scaled(beta: float, nu: np.ndarray) -> np.ndarray:
 def u1_charge_distribution(beta: float, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """P(Q = q) on the L0 × L1 torus for q = −⌊V/2⌋..⌊V/2⌋: ``(charges, probabilities)``.
 
-    Discrete Fourier transform of Z(θ) (module doc), exact to about 1e-14 per probability; for
-    V ≤ 2, Q = 0 almost surely.
+    Discrete Fourier transform of Z(θ) (module doc), exact to about 1e-14 per probability
+    (round-off below 0 is clipped); for V ≤ 2, Q = 0 almost surely. Raises ``ValueError`` where
+    the θ-series would need more than ``_MAX_CHARGE_ORDERS`` orders (e.g. V = 4, or V = 6 at β = 3).
     """
     volume = _u1_volume(beta, shape)
     half = volume // 2
@@ -281,7 +282,7 @@ def u1_charge_distribution(beta: float, shape: tuple[int, int]) -> tuple[np.ndar
     nu = np.arange(-orders, orders + 1)[None, :] - theta[:, None] / (2 * math.pi)
     z_theta = ((_g_scaled(beta, nu) / special.ive(0, beta)) ** volume).sum(1)
     probabilities = np.cos(np.outer(charges, theta)) @ z_theta / (m * z_theta[0])
-    return charges, probabilities
+    return charges, np.clip(probabilities, 0.0, None)
 
 
 def u1_wilson_loop(beta: float, shape: tuple[int, int], r: int, t: int) -> float:

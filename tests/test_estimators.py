@@ -13,8 +13,9 @@ from flow_helpers import FlowDensityAction, random_flow
 from latticeflow.estimators import ESTIMATORS, direction, get_estimator
 from latticeflow.theories import Phi4, U1Wilson
 
-THEORIES = ["phi4", "phi4-fourier", "u1"]
-PHYSICAL = {"phi4": Phi4(-1.0, 1.0), "phi4-fourier": Phi4(-1.0, 1.0), "u1": U1Wilson(1.5)}
+THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "u1"]
+PHYSICAL = {"phi4": Phi4(-1.0, 1.0), "phi4-fourier": Phi4(-1.0, 1.0),
+            "phi4-spline": Phi4(-1.0, 1.0), "u1": U1Wilson(1.5)}
 
 
 def _batch(flow, name, n, data_flow=None):

@@ -16,7 +16,8 @@ __all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp
 #: Defaults per theory; a recipe's [flow] table overrides any of these keys.
 DEFAULT_ARCHITECTURE: dict[str, dict[str, Any]] = {
     "phi4": {"n_couplings": 8, "hidden": [16, 16], "kernel_size": 3, "activation": "leaky_relu",
-             "base": "normal", "fourier_terms": 3},
+             "base": "normal", "fourier_terms": 3, "transform": "affine", "n_bins": 8,
+             "spline_bound": 3.0},
     "u1": {"n_couplings": 16, "n_mixture": 6, "hidden": [8, 8], "kernel_size": 3,
            "activation": "leaky_relu", "loop_length": 2, "prior": "plaquette"},
 }

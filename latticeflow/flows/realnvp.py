@@ -19,10 +19,12 @@ from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.fourier import FourierGaussian
 from latticeflow.flows.priors import NormalPrior
+from latticeflow.flows.spline_coupling import SplineCoupling
 from latticeflow.lattice import checkerboard
 
-#: Base densities of the φ⁴ flow (the ``[flow] base`` key).
+#: Base densities and elementwise maps of the φ⁴ flow (the ``[flow] base`` and ``transform`` keys).
 BASES = ("normal", "fourier")
+TRANSFORMS = ("affine", "spline")
 
 
 @dataclass
@@ -72,12 +74,15 @@ class AffineCoupling(MaskedCoupling):
 
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | None = None,
             kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
-            fourier_terms: int = 3) -> Flow:
-    """A RealNVP flow for a scalar field on ``lattice`` (every extent even), alternating parity.
+            fourier_terms: int = 3, transform: str = "affine", n_bins: int = 8,
+            spline_bound: float = 3.0) -> Flow:
+    """A coupling flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
     ``base``: ``"normal"`` (a standard normal per site) or ``"fourier"`` (the same noise through
     a learnable :class:`~latticeflow.flows.fourier.FourierGaussian` of ``fourier_terms``
-    coefficients, before the couplings). Mask period 2: the flow is equivariant under
+    coefficients, before the couplings). ``transform``: ``"affine"`` (RealNVP) or ``"spline"``
+    (:class:`~latticeflow.flows.spline_coupling.SplineCoupling`, ``n_bins`` bins on
+    [−``spline_bound``, ``spline_bound``]). Mask period 2: the flow is equivariant under
     translations by two sites along any axis.
     """
     if any(n % 2 for n in lattice):
@@ -85,9 +90,14 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | 
     hidden = [8, 8] if hidden is None else list(hidden)
     if base not in BASES:
         raise ValueError(f"unknown base {base!r}; choose one of {', '.join(BASES)}")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
     layers: list[torch.nn.Module] = []
     if base == "fourier":
         layers.append(FourierGaussian(tuple(lattice), fourier_terms))
-    layers += [AffineCoupling(checkerboard(lattice, k % 2), hidden, kernel_size, activation)
-               for k in range(n_couplings)]
+    for k in range(n_couplings):
+        mask = checkerboard(lattice, k % 2)
+        layers.append(AffineCoupling(mask, hidden, kernel_size, activation)
+                      if transform == "affine" else
+                      SplineCoupling(mask, hidden, kernel_size, activation, n_bins, spline_bound))
     return Flow(NormalPrior(tuple(lattice)), layers)
