@@ -28,10 +28,9 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from latticeflow.chain import train_ancestors
 from latticeflow.config import Recipe
@@ -40,11 +39,12 @@ from latticeflow.device import select_device, select_dtype
 from latticeflow.ensemble import Ensemble, EnsembleWriter, read_ensemble
 from latticeflow.ensemble.output import check_seed, open_output
 from latticeflow.errors import LatticeflowError
+from latticeflow.flows.samples import FlowSamples
+from latticeflow.lattice import lattice_shape
 from latticeflow.measure import AnalysisResult, ObservableResult, analyse
 from latticeflow.samplers.chain import Sampler, load_resume_state, run_chain
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
-from latticeflow.statistics import ess
 from latticeflow.theories import Action, load_action_card
 from latticeflow.training import (
     LoadedFlow,
@@ -79,19 +79,6 @@ def load_recipe(path: PathLike, overrides: Mapping[str, Any] | None = None) -> R
     return _load_recipe_file(path, dict(overrides or {}))
 
 
-def _lattice(lattice: Sequence[int] | str) -> tuple[int, ...]:
-    """``(8, 8)``, ``[8, 8]`` or ``"8x8"`` → ``(8, 8)``."""
-    try:
-        shape = tuple(int(n) for n in (lattice.lower().split("x") if isinstance(lattice, str)
-                                       else lattice))
-    except (TypeError, ValueError):
-        raise LatticeflowError(f"lattice must look like (8, 8) or '8x8', got {lattice!r}"
-                               ) from None
-    if not shape or min(shape) < 1:
-        raise LatticeflowError(f"lattice extents must be positive, got {lattice!r}")
-    return shape
-
-
 # ------------------------------------------------------------------------------ training
 def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int | None = None,
           device: str | None = None, resume: bool = False, force: bool = False,
@@ -122,25 +109,6 @@ def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int 
 
 
 # ------------------------------------------------------------------------------ flows
-class FlowSamples(NamedTuple):
-    """Independent draws from a flow: ``x`` ``(n, *field_shape)``, ``log_q`` and ``action``
-    ``(n,)`` (float64), all on the flow's device."""
-
-    x: Tensor
-    log_q: Tensor
-    action: Tensor
-
-    @property
-    def log_weight(self) -> Tensor:
-        """log w = −S − log q ``(n,)`` (the importance weight up to log Z)."""
-        return -self.action - self.log_q
-
-    @property
-    def ess(self) -> float:
-        """Normalised effective sample size (Σw)²/(n Σw²) ∈ (0, 1]."""
-        return ess(self.log_weight.cpu().numpy())
-
-
 @dataclasses.dataclass
 class TrainedFlow(LoadedFlow):
     """A trained flow (the fields of :class:`~latticeflow.training.LoadedFlow`: ``flow``,
@@ -176,7 +144,7 @@ def load_flow(run_dir_or_checkpoint: PathLike | LoadedFlow, *, device: str | Non
         loaded = run_dir_or_checkpoint
     else:
         loaded = load_checkpoint(run_dir_or_checkpoint, device=device,
-                                 lattice=None if lattice is None else _lattice(lattice))
+                                 lattice=None if lattice is None else lattice_shape(lattice))
     return TrainedFlow(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)})
 
 
@@ -275,7 +243,7 @@ def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
     ``out``: also write the HDF5 file (``resume`` continues it, ``force`` replaces it).
     """
     act = load_action(action)
-    shape = _lattice(lattice)
+    shape = lattice_shape(lattice)
     check_seed(seed)
     select_device(device)  # rejects an unknown or absent device
     try:

@@ -16,7 +16,7 @@ from typing import Any
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
 from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
-from latticeflow.training.checkpoint import _resume_conflicts
+from latticeflow.training.checkpoint import refuse_other_recipe
 
 log = logging.getLogger("latticeflow")
 
@@ -53,10 +53,8 @@ def _complete(run_dir: Path, recipe: Recipe) -> bool:
     if not checkpoint.exists():
         return False
     state, _ = read_checkpoint(checkpoint)
-    conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-    if conflicts:
-        raise LatticeflowError(f"{checkpoint} was trained from another recipe than "
-                               f"{recipe.source} (differs in {'; '.join(conflicts)})")
+    refuse_other_recipe(state, recipe, f"{checkpoint} was trained from another recipe than "
+                                       f"{recipe.source} (differs in {{differences}})")
     return state["step"] >= recipe.training.steps
 
 

@@ -54,6 +54,7 @@ from latticeflow import exact
 from latticeflow import observables as obs
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
+from latticeflow.flows.samples import FlowSamples, log_weight
 from latticeflow.statistics import (
     Estimate,
     ReweightedMean,
@@ -88,27 +89,6 @@ Measurement = Callable[[Tensor], Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FlowSamples:
-    """Per-draw records of N independent flow samples, float64 arrays of shape ``(N,)``.
-
-    ``measurements[name]`` holds the value of each requested measurement (an observable, or
-    the action of another parameter point for reweighting) on every draw.
-    """
-
-    log_q: np.ndarray
-    action: np.ndarray
-    measurements: dict[str, np.ndarray]
-
-    @property
-    def log_weight(self) -> np.ndarray:
-        """log w = −S − log q."""
-        return -self.action - self.log_q
-
-    def __len__(self) -> int:
-        return len(self.log_q)
-
-
 def _numpy(t: Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
@@ -132,7 +112,7 @@ def sample_flow(flow: Flow, action: Action, n: int, *, batch_size: int = 1024,
             s.append(_numpy(action(x)))
             for name, measure in measurements.items():
                 columns[name].append(_numpy(measure(x)))
-    return FlowSamples(log_q=np.concatenate(log_q), action=np.concatenate(s),
+    return FlowSamples(x=None, log_q=np.concatenate(log_q), action=np.concatenate(s),
                        measurements={name: np.concatenate(c) for name, c in columns.items()})
 
 
@@ -147,7 +127,7 @@ def log_weights_on(flow: Flow, action: Action, configs: ArrayLike | Tensor, *,
         for start in range(0, len(configs), batch_size):
             x = configs[start:start + batch_size].to(device=reference.device,
                                                      dtype=reference.dtype)
-            parts.append(_numpy(-action(x) - flow.log_prob(x)))
+            parts.append(_numpy(log_weight(action(x), flow.log_prob(x))))
     return np.concatenate(parts) if parts else np.zeros(0)
 
 

@@ -16,6 +16,7 @@ from latticeflow.commands._chainfile import (
 from latticeflow.device import select_device
 from latticeflow.ensemble.output import check_seed, open_output
 from latticeflow.errors import LatticeflowError
+from latticeflow.lattice import lattice_shape
 from latticeflow.samplers.hmc import INTEGRATORS, HMCConfig, HMCSampler
 from latticeflow.theories import load_action_card
 
@@ -23,14 +24,8 @@ log = logging.getLogger("latticeflow")
 
 
 def parse_lattice(text: str) -> tuple[int, ...]:
-    """``"8x8"`` → ``(8, 8)``."""
-    try:
-        shape = tuple(int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise LatticeflowError(f"--lattice must look like 8x8, got {text!r}") from None
-    if not shape or min(shape) < 1:
-        raise LatticeflowError(f"--lattice extents must be positive, got {text!r}")
-    return shape
+    """argparse type: ``"8x8"`` → ``(8, 8)``."""
+    return lattice_shape(text, "--lattice", "8x8")
 
 
 def finite_float(text: str) -> float:

@@ -15,12 +15,11 @@ from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import run_dir_held
 from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
-from latticeflow.training.checkpoint import _resume_conflicts
+from latticeflow.training.checkpoint import refuse_other_recipe
+from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
 
 log = logging.getLogger("latticeflow")
 
-ENSEMBLE_NAME = "nmcmc.h5"
-ANALYSIS_DIR = "analysis"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,12 +74,9 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
     complete_digest = None
     if checkpoint.exists():
         state, digest = read_checkpoint(checkpoint)
-        conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-        if conflicts:
-            raise LatticeflowError(
-                f"{checkpoint} was trained from another recipe (differs in "
-                f"{'; '.join(conflicts)}); use --force to start over, or --out for another "
-                f"run directory")
+        refuse_other_recipe(state, recipe, f"{checkpoint} was trained from another recipe "
+                                           f"(differs in {{differences}}); use --force to start "
+                                           f"over, or --out for another run directory")
         if state["step"] >= recipe.training.steps:
             complete_digest = digest
     ensemble = run_dir / ENSEMBLE_NAME

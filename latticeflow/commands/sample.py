@@ -50,10 +50,9 @@ from latticeflow.samplers.nmcmc import FlowMetropolis, NonFiniteProposals
 from latticeflow.samplers.proposals import ProposalStats
 from latticeflow.theories.base import Action
 from latticeflow.training import checkpoint_path, load_checkpoint, tf32_mode
+from latticeflow.workflows import ENSEMBLE_NAME
 
 log = logging.getLogger("latticeflow")
-
-DEFAULT_NAME = "nmcmc.h5"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", type=Path, help="run directory or checkpoint file")
     parser.add_argument("--out", type=Path,
-                        help=f"output HDF5 file (default: RUN_DIR/{DEFAULT_NAME})")
+                        help=f"output HDF5 file (default: RUN_DIR/{ENSEMBLE_NAME})")
     add_output_options(parser, defaults_from="the recipe's [sampling] section")
     parser.add_argument("--batch-size", type=int, help="proposals per batch on the device")
     parser.add_argument("--chains", type=int,
@@ -155,7 +154,7 @@ def _sample(args: argparse.Namespace, context: DistributedContext | None) -> int
         raise LatticeflowError(f"--n ({args.n}) must split into {world} shard(s) of a multiple of "
                                f"--chains ({chains}) rows each; use a multiple of "
                                f"{world * chains}")
-    out = args.out or checkpoint_path(args.checkpoint).parent / DEFAULT_NAME
+    out = args.out or checkpoint_path(args.checkpoint).parent / ENSEMBLE_NAME
     if context is not None:
         _check_joined_target(out, args.resume, args.force)
     target = out if context is None else shard_path(out, rank)

@@ -9,6 +9,7 @@ input gradient at that output gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class AffineCoupling(MaskedCoupling):
         return input_vjp(self.net, cond.values, grad_out).squeeze(1)
 
 
-def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | None = None,
+def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int] = (16, 16),
             kernel_size: int = 3, activation: str = "leaky_relu") -> Flow:
     """A RealNVP flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
@@ -74,7 +75,7 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | 
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
-    hidden = [8, 8] if hidden is None else list(hidden)
+    hidden = list(hidden)
     couplings = [
         AffineCoupling(checkerboard(lattice, k % 2), hidden, kernel_size, activation)
         for k in range(n_couplings)

@@ -62,6 +62,7 @@ from torch import Tensor
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
 from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
+from latticeflow.flows.samples import log_weight
 from latticeflow.samplers.hmc import HMCConfig
 from latticeflow.theories import Action, load_action_card
 
@@ -257,13 +258,13 @@ def gradient_variance(flow: Flow, action: Action, estimator: str, batches: Seque
 def log_weights_of_samples(flow: Flow, action: Action, z: Tensor) -> np.ndarray:
     """log w = −S(x) − log q(x) of x = T(z), in float64."""
     x, log_q = flow(z)
-    return (-action(x) - log_q).double().numpy()
+    return log_weight(action(x), log_q).double().numpy()
 
 
 @torch.no_grad()
 def log_weights_of_data(flow: Flow, action: Action, x: Tensor) -> np.ndarray:
     """log w = −S(x) − log q(x) of given configurations (through the inverse flow)."""
-    return (-action(x) - flow.log_prob(x)).double().numpy()
+    return log_weight(action(x), flow.log_prob(x)).double().numpy()
 
 
 def forward_ess(log_w: np.ndarray) -> float:

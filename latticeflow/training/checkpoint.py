@@ -43,6 +43,10 @@ RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval"
                      "training.ess_batch", "training.checkpoint_interval",
                      "training.max_bad_steps", "training.compile")
 _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
+#: The prior of a U(1) checkpoint without a ``prior`` key: written before the key existed, it
+#: trained on uniform links. (A recipe that names no prior gets the constructor's default,
+#: ``"plaquette"``, and its checkpoint stores it.)
+LEGACY_U1_PRIOR = "uniform"
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
@@ -133,8 +137,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
 def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
            action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
     if theory == "u1":
-        # U(1) checkpoints written before the ``prior`` key existed trained on uniform links.
-        architecture = {"prior": "uniform", **architecture}
+        architecture = {"prior": LEGACY_U1_PRIOR, **architecture}
     try:
         return build_flow(theory, lattice, architecture, action_params)
     except (ValueError, TypeError) as exc:
@@ -182,13 +185,19 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Recipe keys that differ and would change the training trajectory."""
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    return [f"{key} ({old_flat.get(key)!r} → {new_flat.get(key)!r})"
-            for key in sorted(set(old_flat) | set(new_flat))
-            if old_flat.get(key) != new_flat.get(key) and key not in RESUMABLE_CHANGES
-            and not key.startswith(_RESUMABLE_SECTIONS)]
+def refuse_other_recipe(state: dict[str, Any], recipe: Recipe, message: str) -> None:
+    """The lineage check: refuse a checkpoint (contents ``state``) trained from another recipe
+    than ``recipe``, i.e. one whose recipe differs in a key that changes the training
+    trajectory (anything beyond :data:`RESUMABLE_CHANGES` and the sampling and analysis
+    sections). Raises :class:`LatticeflowError` with ``message``, whose ``{differences}``
+    becomes the differing keys, ``"key (old → new); ..."``."""
+    old, new = _flatten(state["recipe"]), _flatten(recipe.to_dict())
+    differences = [f"{key} ({old.get(key)!r} → {new.get(key)!r})"
+                   for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
+                   and not key.startswith(_RESUMABLE_SECTIONS)]
+    if differences:
+        raise LatticeflowError(message.replace("{differences}", "; ".join(differences)))
 
 
 def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
@@ -196,12 +205,10 @@ def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
     """Refuse to resume checkpoint ``path`` (contents ``state``) with ``recipe`` and
     ``world_size`` processes when the recipe differs beyond :data:`RESUMABLE_CHANGES` or the
     number of processes differs."""
-    conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-    if conflicts:
-        raise LatticeflowError(
-            f"cannot resume {path}: the recipe differs from the one it was "
-            f"trained with in {'; '.join(conflicts)}. Use --force to start over, or "
-            f"--init-from with a new output directory to start from its weights")
+    refuse_other_recipe(
+        state, recipe, f"cannot resume {path}: the recipe differs from the one it was "
+                       f"trained with in {{differences}}. Use --force to start over, or "
+                       f"--init-from with a new output directory to start from its weights")
     trained_with = int(state.get("world_size", 1))
     if trained_with != world_size:
         raise LatticeflowError(
@@ -228,4 +235,5 @@ def _check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "LoadedFlow",
-           "RESUMABLE_CHANGES", "checkpoint_path", "load_checkpoint", "read_checkpoint"]
+           "RESUMABLE_CHANGES", "checkpoint_path", "load_checkpoint", "read_checkpoint",
+           "refuse_other_recipe"]
