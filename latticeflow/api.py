@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from latticeflow.chain import train_ancestors
 from latticeflow.config import Recipe
 from latticeflow.config import load_recipe as _load_recipe_file
 from latticeflow.device import select_device, select_dtype
@@ -52,6 +51,7 @@ from latticeflow.training import (
     load_checkpoint,
     open_trainer,
     tf32_mode,
+    train_ancestors,
 )
 
 PathLike = str | os.PathLike

@@ -9,12 +9,17 @@ import os
 import textwrap
 from pathlib import Path
 
-from latticeflow.chain import recipe_chain, train_ancestors
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import run_dir_held
-from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
+from latticeflow.training import (
+    CHECKPOINT_NAME,
+    open_trainer,
+    read_checkpoint,
+    recipe_lineage,
+    train_ancestors,
+)
 from latticeflow.training.checkpoint import refuse_other_recipe
 from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
 
@@ -90,7 +95,8 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
 
 
 def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str, str]) -> str:
-    """Train, resume or skip (first the ``init_from`` chain, see :mod:`latticeflow.chain`);
+    """Train, resume or skip (first the ``init_from`` lineage, see
+    :mod:`latticeflow.training.lineage`);
     returns the sha256 of the final checkpoint. ``force`` restarts this recipe's link only."""
     checkpoint = run_dir / CHECKPOINT_NAME
     resume = False
@@ -173,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.device is None else {"device": args.device}
     recipe = load_recipe(args.recipe, overrides)
     run_dir = args.out or recipe.default_run_dir()
-    recipe_chain(recipe, overrides)  # refuse a looping or inconsistent chain before any work
+    recipe_lineage(recipe, overrides)  # refuse a looping or inconsistent lineage before any work
     preflight(recipe, run_dir, args.force)
     with run_dir_held(run_dir):  # no other process trains here while this pipeline runs
         digest = train_stage(recipe, run_dir, args.force, overrides)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from latticeflow.chain import train_ancestors
 from latticeflow.config import load_recipe
 from latticeflow.distributed import distributed_session, label_logs
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import open_trainer
+from latticeflow.training import open_trainer, train_ancestors
 
 log = logging.getLogger("latticeflow")
 
