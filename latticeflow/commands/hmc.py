@@ -8,17 +8,13 @@ import math
 import textwrap
 from pathlib import Path
 
-from latticeflow.commands._chainfile import (
-    add_output_options,
-    check_counts,
-    run_to_file,
-)
-from latticeflow.device import select_device
-from latticeflow.ensemble.output import check_seed, open_output
-from latticeflow.errors import LatticeflowError
+from latticeflow.commands._chainfile import add_output_options
+from latticeflow.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.lattice import lattice_shape
-from latticeflow.samplers.hmc import INTEGRATORS, HMCConfig, HMCSampler
+from latticeflow.samplers.hmc import INTEGRATORS
 from latticeflow.theories import load_action_card
+from latticeflow.workflows.chainfile import OPTION_NAMES
+from latticeflow.workflows.hmc import HMCSettings, hmc_run
 
 log = logging.getLogger("latticeflow")
 
@@ -74,29 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_counts(args)
-    check_seed(args.seed, "--seed")
-    select_device(args.device)  # rejects an unknown or absent device
     action = load_action_card(args.action_card)
-    try:
-        action.field_shape(args.lattice)  # rejects a lattice the theory cannot take
-    except ValueError as exc:
-        raise LatticeflowError(f"--lattice {'x'.join(map(str, args.lattice))}: {exc}") from None
-    config = HMCConfig(step_size=args.step_size, trajectory_length=args.trajectory_length,
-                       integrator=args.integrator, n_chains=args.chains, n_therm=args.therm,
-                       save_every=args.save_every,
-                       target_accept=args.target_accept or None, dtype=args.dtype,
-                       device=args.device)
-    sampler = HMCSampler(action, args.lattice, config, args.seed)
-    header = sampler.header()
-    log.debug("hmc: %r on lattice %s, %s", action, args.lattice, header["sampler_params"])
-    expected = {"sampler": "hmc", "theory": header["theory"],
-                "action_params": header["action_card"], "lattice": header["lattice"],
-                "seed": header["seed"], "sampler_params": header["sampler_params"]}
-    writer = open_output(args.out, args.resume, args.force, header, args.chunk, expected)
-
-    def summary(_):
-        return (f"acceptance {sampler.acceptance_rate:.3f}, ε = {sampler.step_size:.4g}, "
-                f"{sampler.n_steps} steps per trajectory")
-
-    return run_to_file(sampler, writer, args.n, args.chunk, summary)
+    settings = HMCSettings(
+        out=args.out, n=args.n, chunk=args.chunk, step_size=args.step_size,
+        trajectory_length=args.trajectory_length, integrator=args.integrator,
+        target_accept=args.target_accept, therm=args.therm, save_every=args.save_every,
+        chains=args.chains, seed=args.seed, device=args.device, dtype=args.dtype,
+        resume=args.resume, force=args.force, names=OPTION_NAMES)
+    return EXIT_INTERRUPTED if hmc_run(action, args.lattice, settings).interrupted else EXIT_OK

@@ -15,6 +15,7 @@ from latticeflow.errors import LatticeflowError
 from latticeflow.locking import run_dir_held
 from latticeflow.training import (
     CHECKPOINT_NAME,
+    load_checkpoint,
     open_trainer,
     read_checkpoint,
     recipe_lineage,
@@ -22,6 +23,8 @@ from latticeflow.training import (
 )
 from latticeflow.training.checkpoint import refuse_other_recipe
 from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
+from latticeflow.workflows.chainfile import OPTION_NAMES
+from latticeflow.workflows.sample import SampleSettings, sample_run
 
 log = logging.getLogger("latticeflow")
 
@@ -117,8 +120,6 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str,
 
 def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device: str | None
                  ) -> Path:
-    from latticeflow.commands import sample
-
     out = run_dir / ENSEMBLE_NAME
     resume = False
     if out.exists() and not force:
@@ -133,11 +134,10 @@ def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device
         resume = True
     log.info("[2/3] sampling %d configurations%s", recipe.sampling.n,
              " (resuming)" if resume else "")
-    args = argparse.Namespace(checkpoint=run_dir, out=out, n=None, chunk=None, batch_size=None,
-                              chains=None, seed=None, lattice=None, device=device or "auto",
-                              store_dtype="float32", resume=resume, force=force)
-    code = sample.run(args)
-    if code:
+    loaded = load_checkpoint(run_dir, device=device or "auto")
+    settings = SampleSettings(out=out, resume=resume, force=force, names=OPTION_NAMES,
+                              source=str(run_dir))
+    if sample_run(loaded, settings).interrupted:
         raise KeyboardInterrupt
     return out
 
