@@ -45,12 +45,11 @@ from latticeflow.training import (
     LoadedFlow,
     TrainingResult,
     load_checkpoint,
-    open_trainer,
-    train_ancestors,
 )
 from latticeflow.workflows.chainfile import ChainRun, check_count
 from latticeflow.workflows.hmc import HMCSettings, hmc_run
 from latticeflow.workflows.sample import SampleSettings, sample_run
+from latticeflow.workflows.train import TrainSettings, train_run
 
 PathLike = str | os.PathLike
 
@@ -100,10 +99,10 @@ def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int 
                                    "Recipe object use load_recipe(path, overrides)")
     else:
         recipe = load_recipe(recipe, overrides)
-    if init_from is None and recipe.init_from is not None and not resume:
-        init_from = train_ancestors(recipe, {"device": device} if device else None)
-    trainer = open_trainer(recipe, out, resume=resume, force=force, init_from=init_from)
-    return trainer.train()
+    return train_run(recipe, TrainSettings(
+        out=None if out is None else Path(out), resume=resume, force=force,
+        init_from=None if init_from is None else Path(init_from),
+        lineage_overrides={"device": device} if device else {}))
 
 
 # ------------------------------------------------------------------------------ flows

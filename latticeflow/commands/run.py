@@ -16,18 +16,17 @@ from latticeflow.locking import run_dir_held
 from latticeflow.training import (
     CHECKPOINT_NAME,
     load_checkpoint,
-    open_trainer,
     read_checkpoint,
     recipe_lineage,
-    train_ancestors,
 )
 from latticeflow.training.checkpoint import refuse_other_recipe
 from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
+from latticeflow.workflows.analyse import AnalyseSettings, analyse_run
 from latticeflow.workflows.chainfile import OPTION_NAMES
 from latticeflow.workflows.sample import SampleSettings, sample_run
+from latticeflow.workflows.train import TrainSettings, train_run
 
 log = logging.getLogger("latticeflow")
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,8 +98,8 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
 
 def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str, str]) -> str:
     """Train, resume or skip (first the ``init_from`` lineage, see
-    :mod:`latticeflow.training.lineage`);
-    returns the sha256 of the final checkpoint. ``force`` restarts this recipe's link only."""
+    :mod:`latticeflow.training.lineage`); returns the sha256 of the final checkpoint. ``force``
+    restarts this recipe's training only."""
     checkpoint = run_dir / CHECKPOINT_NAME
     resume = False
     if checkpoint.exists() and not force:
@@ -109,10 +108,9 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str,
             log.info("[1/3] training: complete (%s, step %d)", checkpoint, state["step"])
             return digest
         resume = True
-    parent = None if resume else train_ancestors(recipe, overrides)
     log.info("[1/3] training %s%s", recipe.name, " (resuming)" if resume else "")
-    trainer = open_trainer(recipe, run_dir, resume=resume, force=force, init_from=parent)
-    result = trainer.train()
+    result = train_run(recipe, TrainSettings(out=run_dir, resume=resume, force=force,
+                                             lineage_overrides=overrides))
     log.info("      final ESS %s, %.0f s", "n/a" if result.ess is None else f"{result.ess:.3f}",
              result.wall_time)
     return read_checkpoint(checkpoint)[1]
@@ -143,8 +141,6 @@ def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device
 
 
 def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
-    from latticeflow import measure, plots, script_support  # slow imports, needed only here
-
     folder = run_dir / ANALYSIS_DIR
     record_path = folder / "observables.json"
     with EnsembleReader(ensemble) as reader:
@@ -159,14 +155,12 @@ def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
             pass
     log.info("[3/3] analysing %s", ensemble)
     folder.mkdir(parents=True, exist_ok=True)
-    result = measure.analyse(ensemble, recipe.analysis.thermalization)
-    report = script_support.observables_report(result)
-    (folder / "observables.txt").write_text(report + "\n")
-    print(report)
-    if recipe.analysis.plots:
-        for path in plots.standard_plots(result, folder, autocorrelation=True):
-            log.info("      wrote %s", path)
-    script_support.write_json(record_path, {**measure.observables_record(result), "source": key})
+    analysis = analyse_run(ensemble, AnalyseSettings(
+        thermalization=recipe.analysis.thermalization, report=folder / "observables.txt",
+        plots=folder if recipe.analysis.plots else None, autocorrelation=True,
+        record=record_path, record_extra={"source": key}, show=print))
+    for path in analysis.plots:
+        log.info("      wrote %s", path)
     return record_path
 
 
