@@ -126,15 +126,16 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
     recipe = recipe_from_dict(state["recipe"], source=str(path))
     device = device if isinstance(device, torch.device) else select_device(device or "auto")
     target = tuple(int(n) for n in (lattice if lattice is not None else state["lattice"]))
-    flow = _build(state["theory"], target, state["architecture"], state["action"], path)
+    flow = build_checkpoint_flow(state["theory"], target, state["architecture"], state["action"],
+                                 path)
     flow.to(device=device, dtype=select_dtype(state["dtype"]))
-    _load_weights(flow, state["model"], path)
+    load_weights(flow, state["model"], path)
     return LoadedFlow(flow=flow.eval(), action=action_from_table(state["action"], str(path)),
                       lattice=target, recipe=recipe, step=int(state["step"]), sha256=digest,
                       last_ess=state["ess"])
 
 
-def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
+def build_checkpoint_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
            action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
     if theory == "u1":
         architecture = {"prior": LEGACY_U1_PRIOR, **architecture}
@@ -145,7 +146,7 @@ def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
                                f"{lattice}: {exc}") from None
 
 
-def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path) -> None:
     try:
         flow.load_state_dict(model_state)
     except RuntimeError as exc:
@@ -153,7 +154,7 @@ def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path
                                f"({str(exc).splitlines()[0]})") from None
 
 
-def _atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
+def atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
     """Write ``state`` to a temporary file, sync it to disk and rename it to ``path``; the
     rename is synced too. A failed write (disk full, ...) leaves ``path`` as it was and raises
     :class:`LatticeflowError`, whose message ends with ``kept`` (what remains, what to do)."""
@@ -200,7 +201,7 @@ def refuse_other_recipe(state: dict[str, Any], recipe: Recipe, message: str) -> 
         raise LatticeflowError(message.replace("{differences}", "; ".join(differences)))
 
 
-def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
+def check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
                      path: Path) -> None:
     """Refuse to resume checkpoint ``path`` (contents ``state``) with ``recipe`` and
     ``world_size`` processes when the recipe differs beyond :data:`RESUMABLE_CHANGES` or the
@@ -219,7 +220,7 @@ def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
             f"weights with --init-from")
 
 
-def _check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Refuse the weights of checkpoint ``path`` (contents ``state``) as the start of a run of
     ``recipe`` unless theory and architecture are the same (the lattice may differ)."""
     if state["theory"] != recipe.theory:
