@@ -47,7 +47,7 @@ from latticeflow.training import (
     load_checkpoint,
 )
 from latticeflow.workflows.chainfile import ChainRun, check_count
-from latticeflow.workflows.hmc import HMCSettings, hmc_run
+from latticeflow.workflows.hmc import HMCRunSettings, hmc_run
 from latticeflow.workflows.sample import SampleSettings, sample_run
 from latticeflow.workflows.train import TrainSettings, train_run
 
@@ -223,7 +223,7 @@ def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
     """
     act = load_action(action)
     shape = lattice_shape(lattice)
-    settings = HMCSettings(out=Path(), n=n, chunk=chunk, step_size=step_size,
+    settings = HMCRunSettings(out=Path(), n=n, chunk=chunk, step_size=step_size,
                            trajectory_length=trajectory_length, integrator=integrator,
                            target_accept=target_accept, therm=therm, save_every=save_every,
                            chains=chains, seed=seed, device=device, dtype=dtype, resume=resume,

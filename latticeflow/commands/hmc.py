@@ -14,7 +14,7 @@ from latticeflow.lattice import lattice_shape
 from latticeflow.samplers.hmc import INTEGRATORS
 from latticeflow.theories import load_action_card
 from latticeflow.workflows.chainfile import OPTION_NAMES
-from latticeflow.workflows.hmc import HMCSettings, hmc_run
+from latticeflow.workflows.hmc import HMCRunSettings, hmc_run
 
 log = logging.getLogger("latticeflow")
 
@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     action = load_action_card(args.action_card)
-    settings = HMCSettings(
+    settings = HMCRunSettings(
         out=args.out, n=args.n, chunk=args.chunk, step_size=args.step_size,
         trajectory_length=args.trajectory_length, integrator=args.integrator,
         target_accept=args.target_accept, therm=args.therm, save_every=args.save_every,

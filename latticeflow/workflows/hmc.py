@@ -26,7 +26,7 @@ HMC_RESUME_CHECKS = ("sampler", "theory", "action_params", "lattice", "seed", "s
 
 
 @dataclass(frozen=True)
-class HMCSettings:
+class HMCRunSettings:
     """An HMC run into ``out``: ``n`` rows in total, ``chunk`` rows per committed chunk.
 
     ``step_size`` ε (the start value when tuned), ``trajectory_length`` τ = n_steps·ε,
@@ -64,7 +64,7 @@ class HMCSettings:
                          dtype=self.dtype, device=self.device)
 
 
-def hmc_run(action: Action, lattice: tuple[int, ...], settings: HMCSettings) -> ChainRun:
+def hmc_run(action: Action, lattice: tuple[int, ...], settings: HMCRunSettings) -> ChainRun:
     """HMC for ``action`` on ``lattice`` until ``settings.out`` holds ``settings.n`` rows."""
     s = settings
     check_output(s.names, s.n, s.chunk, s.seed)
@@ -87,4 +87,4 @@ def hmc_run(action: Action, lattice: tuple[int, ...], settings: HMCSettings) -> 
     return run_to_file(sampler, writer, s.n, s.chunk, report=s.report, summary=summary)
 
 
-__all__ = ["HMC_RESUME_CHECKS", "HMCSettings", "hmc_run"]
+__all__ = ["HMC_RESUME_CHECKS", "HMCRunSettings", "hmc_run"]
