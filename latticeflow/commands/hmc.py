@@ -12,7 +12,6 @@ from latticeflow.commands._chainfile import add_output_options
 from latticeflow.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.lattice import lattice_shape
 from latticeflow.samplers.hmc import INTEGRATORS
-from latticeflow.theories import load_action_card
 from latticeflow.workflows.chainfile import OPTION_NAMES
 from latticeflow.workflows.hmc import HMCRunSettings, hmc_run
 
@@ -70,11 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    action = load_action_card(args.action_card)
     settings = HMCRunSettings(
         out=args.out, n=args.n, chunk=args.chunk, step_size=args.step_size,
         trajectory_length=args.trajectory_length, integrator=args.integrator,
         target_accept=args.target_accept, therm=args.therm, save_every=args.save_every,
         chains=args.chains, seed=args.seed, device=args.device, dtype=args.dtype,
         resume=args.resume, force=args.force, names=OPTION_NAMES)
-    return EXIT_INTERRUPTED if hmc_run(action, args.lattice, settings).interrupted else EXIT_OK
+    result = hmc_run(args.action_card, args.lattice, settings)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK

@@ -73,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
             chunk=args.chunk, batch_size=args.batch_size, chains=args.chains, seed=args.seed,
             store_dtype=args.store_dtype, compile=args.compile, resume=args.resume,
             force=args.force, names=OPTION_NAMES, source=str(args.checkpoint))
-        run = sample_run(loaded, settings, context)
-    return EXIT_INTERRUPTED if run.interrupted else EXIT_OK
+        result = sample_run(loaded, settings, context)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK

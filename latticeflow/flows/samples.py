@@ -8,6 +8,7 @@ API's samples, thermodynamics, the estimator study, the sampler's proposal stati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ class FlowSamples:
 
     def __len__(self) -> int:
         return len(self.log_q)
+
+    def __iter__(self) -> Iterator[Any]:
+        """``x, log_q, action = samples``."""
+        return iter((self.x, self.log_q, self.action))
 
 
 __all__ = ["FlowSamples", "log_weight"]

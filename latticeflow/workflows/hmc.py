@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from latticeflow.device import select_device
 from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
-from latticeflow.theories import Action
+from latticeflow.theories import Action, load_action_card
 from latticeflow.workflows.chainfile import (
     ChainRun,
     check_output,
@@ -64,11 +65,15 @@ class HMCRunSettings:
                          dtype=self.dtype, device=self.device)
 
 
-def hmc_run(action: Action, lattice: tuple[int, ...], settings: HMCRunSettings) -> ChainRun:
-    """HMC for ``action`` on ``lattice`` until ``settings.out`` holds ``settings.n`` rows."""
+def hmc_run(action: Action | str | os.PathLike, lattice: tuple[int, ...],
+            settings: HMCRunSettings) -> ChainRun:
+    """HMC for ``action`` (or an action card, read after the settings are checked) on
+    ``lattice`` until ``settings.out`` holds ``settings.n`` rows."""
     s = settings
     check_output(s.names, s.n, s.chunk, s.seed)
     select_device(s.device)  # rejects an unknown or absent device
+    if not isinstance(action, Action):
+        action = load_action_card(action)
     try:
         action.field_shape(lattice)  # rejects a lattice the theory cannot take
     except ValueError as exc:
