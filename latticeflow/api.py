@@ -224,9 +224,10 @@ def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
     act = load_action(action)
     shape = lattice_shape(lattice)
     settings = HMCRunSettings(out=Path(), n=n, chunk=chunk, step_size=step_size,
-                           trajectory_length=trajectory_length, integrator=integrator,
-                           target_accept=target_accept, therm=therm, save_every=save_every,
-                           chains=chains, seed=seed, device=device, dtype=dtype, resume=resume,
-                           force=force, report=False, resume_checks=_RESUME_CHECKS)
+                              trajectory_length=trajectory_length, integrator=integrator,
+                              target_accept=target_accept, therm=therm, save_every=save_every,
+                              chains=chains, seed=seed, device=device, dtype=dtype,
+                              resume=resume, force=force, report=False,
+                              resume_checks=_RESUME_CHECKS)
     return _ensemble(lambda path: hmc_run(act, shape, dataclasses.replace(settings, out=path)),
                      out, resume, force)

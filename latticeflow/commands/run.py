@@ -18,6 +18,7 @@ from latticeflow.training import (
     load_checkpoint,
     read_checkpoint,
     recipe_lineage,
+    train_ancestors,
 )
 from latticeflow.training.checkpoint import refuse_other_recipe
 from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
@@ -108,9 +109,10 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str,
             log.info("[1/3] training: complete (%s, step %d)", checkpoint, state["step"])
             return digest
         resume = True
+    parent = None if resume else train_ancestors(recipe, overrides)  # logged before this one
     log.info("[1/3] training %s%s", recipe.name, " (resuming)" if resume else "")
     result = train_run(recipe, TrainSettings(out=run_dir, resume=resume, force=force,
-                                             lineage_overrides=overrides))
+                                             init_from=parent))
     log.info("      final ESS %s, %.0f s", "n/a" if result.ess is None else f"{result.ess:.3f}",
              result.wall_time)
     return read_checkpoint(checkpoint)[1]
