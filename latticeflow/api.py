@@ -26,33 +26,30 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from latticeflow.chain import train_ancestors
 from latticeflow.config import Recipe
 from latticeflow.config import load_recipe as _load_recipe_file
-from latticeflow.device import select_device, select_dtype
-from latticeflow.ensemble import Ensemble, EnsembleWriter, read_ensemble
-from latticeflow.ensemble.output import check_seed, open_output
+from latticeflow.ensemble import Ensemble, read_ensemble
+from latticeflow.ensemble.output import check_seed
 from latticeflow.errors import LatticeflowError
+from latticeflow.flows.samples import FlowSamples
+from latticeflow.lattice import lattice_shape
 from latticeflow.measure import AnalysisResult, ObservableResult, analyse
-from latticeflow.samplers.chain import Sampler, load_resume_state, run_chain
-from latticeflow.samplers.hmc import HMCConfig, HMCSampler
-from latticeflow.samplers.nmcmc import FlowMetropolis
-from latticeflow.statistics import ess
 from latticeflow.theories import Action, load_action_card
 from latticeflow.training import (
     LoadedFlow,
     TrainingResult,
     load_checkpoint,
-    open_trainer,
-    tf32_mode,
 )
+from latticeflow.workflows.chainfile import ChainRun, check_count
+from latticeflow.workflows.hmc import HMCRunSettings, hmc_run
+from latticeflow.workflows.sample import SampleSettings, sample_run
+from latticeflow.workflows.train import TrainSettings, train_run
 
 PathLike = str | os.PathLike
 
@@ -79,19 +76,6 @@ def load_recipe(path: PathLike, overrides: Mapping[str, Any] | None = None) -> R
     return _load_recipe_file(path, dict(overrides or {}))
 
 
-def _lattice(lattice: Sequence[int] | str) -> tuple[int, ...]:
-    """``(8, 8)``, ``[8, 8]`` or ``"8x8"`` → ``(8, 8)``."""
-    try:
-        shape = tuple(int(n) for n in (lattice.lower().split("x") if isinstance(lattice, str)
-                                       else lattice))
-    except (TypeError, ValueError):
-        raise LatticeflowError(f"lattice must look like (8, 8) or '8x8', got {lattice!r}"
-                               ) from None
-    if not shape or min(shape) < 1:
-        raise LatticeflowError(f"lattice extents must be positive, got {lattice!r}")
-    return shape
-
-
 # ------------------------------------------------------------------------------ training
 def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int | None = None,
           device: str | None = None, resume: bool = False, force: bool = False,
@@ -115,32 +99,13 @@ def train(recipe: PathLike | Recipe, out: PathLike | None = None, *, steps: int 
                                    "Recipe object use load_recipe(path, overrides)")
     else:
         recipe = load_recipe(recipe, overrides)
-    if init_from is None and recipe.init_from is not None and not resume:
-        init_from = train_ancestors(recipe, {"device": device} if device else None)
-    trainer = open_trainer(recipe, out, resume=resume, force=force, init_from=init_from)
-    return trainer.train()
+    return train_run(recipe, TrainSettings(
+        out=None if out is None else Path(out), resume=resume, force=force,
+        init_from=None if init_from is None else Path(init_from),
+        lineage_overrides={"device": device} if device else {}))
 
 
 # ------------------------------------------------------------------------------ flows
-class FlowSamples(NamedTuple):
-    """Independent draws from a flow: ``x`` ``(n, *field_shape)``, ``log_q`` and ``action``
-    ``(n,)`` (float64), all on the flow's device."""
-
-    x: Tensor
-    log_q: Tensor
-    action: Tensor
-
-    @property
-    def log_weight(self) -> Tensor:
-        """log w = −S − log q ``(n,)`` (the importance weight up to log Z)."""
-        return -self.action - self.log_q
-
-    @property
-    def ess(self) -> float:
-        """Normalised effective sample size (Σw)²/(n Σw²) ∈ (0, 1]."""
-        return ess(self.log_weight.cpu().numpy())
-
-
 @dataclasses.dataclass
 class TrainedFlow(LoadedFlow):
     """A trained flow (the fields of :class:`~latticeflow.training.LoadedFlow`: ``flow``,
@@ -176,47 +141,37 @@ def load_flow(run_dir_or_checkpoint: PathLike | LoadedFlow, *, device: str | Non
         loaded = run_dir_or_checkpoint
     else:
         loaded = load_checkpoint(run_dir_or_checkpoint, device=device,
-                                 lattice=None if lattice is None else _lattice(lattice))
+                                 lattice=None if lattice is None else lattice_shape(lattice))
     return TrainedFlow(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)})
 
 
 # ------------------------------------------------------------------------------ ensembles
-def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise LatticeflowError(f"{name} must be a positive integer, got {value!r}")
+#: The header fields a resumed file must match, as the API checks them.
+_RESUME_CHECKS = ("theory", "action_params", "lattice", "sampler", "seed", "sampler_params",
+                  "checkpoint_sha256")
 
 
-def _run(sampler: Sampler, header: dict[str, Any], n: int, chunk: int, out: PathLike | None,
-         resume: bool, force: bool) -> Ensemble:
-    """Run ``sampler`` until the file holds ``n`` rows and return the ensemble in memory.
+def _ensemble(run: Callable[[Path], ChainRun], out: PathLike | None, resume: bool,
+              force: bool) -> Ensemble:
+    """Run a workflow into ``out`` and return the ensemble in memory; interrupted runs raise
+    :class:`KeyboardInterrupt`.
 
     Without ``out`` the rows go through a temporary file (the same writer and chunking as a
     real file, so memory and disk ensembles are identical); the returned metadata then has
     ``path = "<in memory>"``.
     """
-    _check_count("n", n)
-    _check_count("chunk", chunk)
     if out is not None:
-        path = Path(out)
         if resume and force:
             raise LatticeflowError("resume and force exclude each other")
-        expected = {"theory": header["theory"], "action_params": header["action_card"],
-                    "lattice": header["lattice"], "sampler": header["sampler"],
-                    "seed": header["seed"], "sampler_params": header["sampler_params"],
-                    "checkpoint_sha256": header.get("checkpoint_sha256", "")}
-        with open_output(path, resume, force, header, chunk, expected) as writer:
-            if writer.n_complete < n:
-                load_resume_state(sampler, writer)
-                if run_chain(sampler, writer, n, chunk, progress=False).interrupted:
-                    raise KeyboardInterrupt
-        return read_ensemble(path)
+        if run(Path(out)).interrupted:
+            raise KeyboardInterrupt
+        return read_ensemble(Path(out))
     if resume or force:
         raise LatticeflowError("resume and force need an output file (out=...)")
     with tempfile.TemporaryDirectory(prefix="latticeflow-") as folder:
         path = Path(folder) / "ensemble.h5"
-        with EnsembleWriter.create(path, chunk_rows=chunk, **header) as writer:
-            if run_chain(sampler, writer, n, chunk, progress=False).interrupted:
-                raise KeyboardInterrupt
+        if run(path).interrupted:
+            raise KeyboardInterrupt
         ensemble = read_ensemble(path)
     return Ensemble(dataclasses.replace(ensemble.metadata, path="<in memory>"), ensemble.data)
 
@@ -236,26 +191,18 @@ def nmcmc(flow: PathLike | LoadedFlow, n: int | None = None, *, batch_size: int 
     (``resume`` continues it, ``force`` replaces it).
     """
     loaded = flow if isinstance(flow, LoadedFlow) else load_flow(flow)
-    sampling = loaded.recipe.sampling
-    n = sampling.n if n is None else n
-    chunk = sampling.chunk if chunk is None else chunk
-    batch_size = sampling.batch_size if batch_size is None else batch_size
-    chains = sampling.chains if chains is None else chains
-    seed = sampling.seed if seed is None else seed
-    for name, value in (("batch_size", batch_size), ("chains", chains)):
-        _check_count(name, value)
-    check_seed(seed)
-    if chunk % chains or n % chains:
-        raise LatticeflowError(f"n ({n}) and chunk ({chunk}) must be multiples of chains "
-                               f"({chains})")
-    params = {"batch_size": batch_size, "n_chains": chains, "store_dtype": store_dtype,
-              "training_step": loaded.step}
-    header = loaded.nmcmc_header(seed=seed, sampler_params=params, store_dtype=store_dtype,
-                                 chains=chains > 1)
-    sampler = FlowMetropolis(loaded.flow, loaded.action, seed=seed, batch_size=batch_size,
-                             n_chains=chains, store_dtype=select_dtype(store_dtype))
-    with tf32_mode(False):  # sampling never uses TF32
-        return _run(sampler, header, n, chunk, out, resume, force)
+    settings = SampleSettings(out=Path(), n=n, chunk=chunk, batch_size=batch_size,
+                              chains=chains, seed=seed, store_dtype=store_dtype, resume=resume,
+                              force=force, report=False, resume_checks=_RESUME_CHECKS
+                              ).resolved(loaded)
+    for name in ("batch_size", "chains"):
+        check_count({}, name, getattr(settings, name))
+    check_seed(settings.seed)
+    if settings.chunk % settings.chains or settings.n % settings.chains:
+        raise LatticeflowError(f"n ({settings.n}) and chunk ({settings.chunk}) must be "
+                               f"multiples of chains ({settings.chains})")
+    return _ensemble(lambda path: sample_run(loaded, dataclasses.replace(settings, out=path)),
+                     out, resume, force)
 
 
 def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
@@ -275,16 +222,12 @@ def hmc(action: PathLike | Action, lattice: Sequence[int] | str, n: int, *,
     ``out``: also write the HDF5 file (``resume`` continues it, ``force`` replaces it).
     """
     act = load_action(action)
-    shape = _lattice(lattice)
-    check_seed(seed)
-    select_device(device)  # rejects an unknown or absent device
-    try:
-        act.field_shape(shape)
-    except ValueError as exc:
-        raise LatticeflowError(f"lattice {'x'.join(map(str, shape))}: {exc}") from None
-    config = HMCConfig(step_size=step_size, trajectory_length=trajectory_length,
-                       integrator=integrator, n_chains=chains, n_therm=therm,
-                       save_every=save_every, target_accept=target_accept or None, dtype=dtype,
-                       device=device)
-    sampler = HMCSampler(act, shape, config, seed)
-    return _run(sampler, sampler.header(), n, chunk, out, resume, force)
+    shape = lattice_shape(lattice)
+    settings = HMCRunSettings(out=Path(), n=n, chunk=chunk, step_size=step_size,
+                              trajectory_length=trajectory_length, integrator=integrator,
+                              target_accept=target_accept, therm=therm, save_every=save_every,
+                              chains=chains, seed=seed, device=device, dtype=dtype,
+                              resume=resume, force=force, report=False,
+                              resume_checks=_RESUME_CHECKS)
+    return _ensemble(lambda path: hmc_run(act, shape, dataclasses.replace(settings, out=path)),
+                     out, resume, force)

@@ -19,12 +19,17 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from latticeflow import __version__
-from latticeflow.console import StderrHandler, install_stderr_handler
-from latticeflow.errors import LatticeflowError
+from latticeflow.console import StderrHandler, install_stderr_handler, one_line
+from latticeflow.errors import (  # noqa: F401 (the exit codes are the command's too)
+    EXIT_BUG,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    LatticeflowError,
+)
 
 COMMANDS = ("run", "train", "sample", "hmc", "info", "bench")
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 log = logging.getLogger("latticeflow")
 
@@ -42,11 +47,6 @@ examples:
   latticeflow info runs/quickstart/nmcmc.h5
 
 Run 'latticeflow COMMAND --help' for the options and examples of a command."""
-
-
-def one_line(message: object) -> str:
-    """``message`` with all whitespace runs (newlines included) collapsed to single spaces."""
-    return " ".join(str(message).split())
 
 
 class ArgumentParser(argparse.ArgumentParser):

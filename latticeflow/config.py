@@ -19,8 +19,8 @@ Top level:
 ``init_from`` path of another recipe (relative to this one), optional: a fresh run starts from
              the weights that recipe's run trained (its run directory ``<dir>/<name>``), and
              ``latticeflow run`` / ``train`` train that recipe first when it is not complete
-             (:mod:`latticeflow.chain`). Same theory and ``[flow]``; the lattice and the action
-             parameters may differ.
+             (:mod:`latticeflow.training.lineage`). Same theory and ``[flow]``; the lattice and
+             the action parameters may differ.
 
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be

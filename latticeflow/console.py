@@ -2,7 +2,8 @@
 
 The handler looks ``sys.stderr`` up when a record is emitted, not when it is created, so code
 that swaps the stream (pytest's capture, ``tqdm.contrib.logging``) never leaves it writing to a
-closed one. Installing it again replaces the previous one.
+closed one. Installing it again replaces the previous one. Errors reach the terminal as one
+line (:func:`one_line`).
 """
 
 from __future__ import annotations
@@ -29,3 +30,8 @@ def install_stderr_handler(fmt: str) -> StderrHandler:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     return handler
+
+
+def one_line(message: object) -> str:
+    """``message`` with all whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(message).split())

@@ -1,5 +1,9 @@
 """User-facing errors: the CLI prints them as one line and exits non-zero."""
 
+#: Exit codes of the command and the analysis scripts: success, a bug (a traceback), bad input
+#: (a :class:`LatticeflowError` or a usage error, as one line), interrupted (Ctrl-C).
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 
 class LatticeflowError(Exception):
     """A problem with the user's input (file, option, parameter) rather than a bug."""

@@ -12,9 +12,26 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from latticeflow.errors import LatticeflowError
+
+
+def lattice_shape(lattice: Sequence[int] | str, name: str = "lattice",
+                  form: str = "(8, 8) or '8x8'") -> tuple[int, ...]:
+    """``(8, 8)``, ``[8, 8]`` or ``"8x8"`` → ``(8, 8)``. Anything else raises a
+    :class:`LatticeflowError` that names the input ``name`` and the expected ``form``."""
+    try:
+        shape = tuple(int(n) for n in (lattice.lower().split("x") if isinstance(lattice, str)
+                                       else lattice))
+    except (TypeError, ValueError):
+        raise LatticeflowError(f"{name} must look like {form}, got {lattice!r}") from None
+    if not shape or min(shape) < 1:
+        raise LatticeflowError(f"{name} extents must be positive, got {lattice!r}")
+    return shape
 
 
 def shift(field: Tensor, mu: int, n: int = 1, ndim: int | None = None) -> Tensor:

@@ -124,14 +124,22 @@ def _lag_range(o: ObservableResult) -> int:
     return int(min(len(o.gamma.rho) - 1, max(4 * o.gamma.window, 10)))
 
 
+def _panels(result: AnalysisResult, names: Sequence[str] | None
+            ) -> tuple[Figure, list[tuple[Axes, ObservableResult]]]:
+    """A figure with one panel per selected observable (three per row) and the pairs
+    (panel, observable)."""
+    selected = _selected(result, names)
+    columns = min(3, len(selected))
+    figure = _figure(4.2 * columns, 3.3 * math.ceil(len(selected) / columns) + 0.5)
+    return figure, list(zip(_grid(figure, len(selected), columns), selected, strict=True))
+
+
 def plot_autocorrelation(result: AnalysisResult, path: str | os.PathLike,
                          names: Sequence[str] | None = None) -> Path:
     """Normalised autocorrelation ρ(t) = Γ(t)/Γ(0) per observable, the Γ-method window W
     marked (for derived observables: ρ of the linearised, projected series)."""
-    selected = _selected(result, names)
-    columns = min(3, len(selected))
-    figure = _figure(4.2 * columns, 3.3 * math.ceil(len(selected) / columns) + 0.5)
-    for ax, o in zip(_grid(figure, len(selected), columns), selected, strict=True):
+    figure, panels = _panels(result, names)
+    for ax, o in panels:
         t_max = _lag_range(o)
         lags = np.arange(t_max + 1)
         ax.axhline(0.0, color="0.5", linewidth=0.8)
@@ -151,10 +159,8 @@ def plot_tau_int(result: AnalysisResult, path: str | os.PathLike,
                  names: Sequence[str] | None = None) -> Path:
     """τ_int(W) = 1/2 + Σ_{t≤W} ρ(t) per observable with the Madras–Sokal error band
     2τ(W)·sqrt((W + 1/2 − τ(W))/N), the chosen window and its τ_int marked."""
-    selected = _selected(result, names)
-    columns = min(3, len(selected))
-    figure = _figure(4.2 * columns, 3.3 * math.ceil(len(selected) / columns) + 0.5)
-    for ax, o in zip(_grid(figure, len(selected), columns), selected, strict=True):
+    figure, panels = _panels(result, names)
+    for ax, o in panels:
         w_max = _lag_range(o)
         windows = np.arange(w_max + 1)
         curve = o.gamma.tau_int_curve[: w_max + 1]

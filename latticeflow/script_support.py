@@ -18,11 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from latticeflow.console import install_stderr_handler
-from latticeflow.errors import LatticeflowError
+from latticeflow.console import install_stderr_handler, one_line
+from latticeflow.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, LatticeflowError
 from latticeflow.measure import AnalysisResult, Comparison, ObservableResult, deviation
-
-EXIT_OK, EXIT_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 
 
 def script_parser(prog: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
@@ -41,11 +39,6 @@ def add_thermalization(parser: argparse.ArgumentParser) -> None:
     """``--thermalization K`` (``-K``): rows dropped at the start of every chain."""
     parser.add_argument("-K", "--thermalization", type=int, default=0, metavar="K",
                         help="drop the first K rows of every chain (default 0)")
-
-
-def one_line(message: object) -> str:
-    """The message with all whitespace runs (newlines included) collapsed to single spaces."""
-    return " ".join(str(message).split())
 
 
 def run_script(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],

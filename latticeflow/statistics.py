@@ -9,7 +9,8 @@ Conventions
   ``(N,)`` data, an ``(n_obs,)`` array for ``(N, n_obs)`` data.
 * Γ(t) is the autocovariance at lag t, ρ(t) = Γ(t)/Γ(0) and τ_int(W) = 1/2 + Σ_{t=1}^W ρ(t), so that
   the variance of the mean of N samples is 2 τ_int Γ(0) / N (τ_int = 1/2 for uncorrelated data).
-* Importance weights are given as log weights, log w = log p̃ − log q (any additive constant).
+* Importance weights are given as log weights, log w = log p̃ − log q (any additive constant);
+  :func:`ess` is their effective sample size, :func:`pareto_k` the tail index of the largest.
 
 Reference: U. Wolff, "Monte Carlo errors with less errors", Comput. Phys. Commun. 156 (2004) 143,
 hep-lat/0306017. Equation numbers below refer to that paper.
@@ -17,6 +18,7 @@ hep-lat/0306017. Equation numbers below refer to that paper.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ from scipy.special import logsumexp
 #: a chain ``(N,)`` / ``(N, n_obs)``, or a list of independent replicas of that form
 SeriesData = ArrayLike | list[ArrayLike]
 MeanFunction = Callable[[np.ndarray], float]
+
+#: Relative spread below which values count as equal (round-off): a constant series of log
+#: weights, a degenerate weight tail.
+ROUND_OFF = 1e-12
 
 
 class ShortChainWarning(UserWarning):
@@ -322,3 +328,48 @@ def reweighted_mean(values: ArrayLike, log_weights: ArrayLike) -> ReweightedMean
     value = w @ values
     error = np.sqrt(w**2 @ (values - value) ** 2)
     return ReweightedMean(value[()], error[()], ess(lw))
+
+
+def pareto_k(log_weight: ArrayLike, size: int | None = None) -> float | None:
+    """Tail index k̂ of the largest importance weights (the PSIS diagnostic of Vehtari et al.,
+    arXiv:1507.02646): a generalized Pareto fit to the exceedances of the M = min(N/5, 3√N)
+    largest weights over the next one, by the profile-likelihood quadrature of Zhang & Stephens
+    (Technometrics 51 (2009) 316) with the weak prior of the PSIS reference code.
+
+    ``size``: N, when ``log_weight`` holds only the largest log weights of N draws (a running
+    tail); M is then also at most ``len(log_weight) − 1``. Default: ``len(log_weight)``.
+
+    The weights have finite variance only for k < 1/2 and the estimate's error converges at the
+    usual rate only then; for k̂ > 0.7 the sample is too heavy-tailed for the mean to be
+    estimated reliably at practical N. None when there are fewer than 5 tail draws or the tail
+    is degenerate (a quarter of the tail draws tie with the threshold to round-off, e.g.
+    constant weights).
+    """
+    lw = np.sort(np.asarray(log_weight, dtype=float))
+    n = lw.size if size is None else size
+    m = int(min(n / 5, 3 * math.sqrt(n), lw.size - 1))
+    if m < 5:
+        return None
+    top = lw[-1]
+    x = np.sort(np.exp(lw[-m:] - top) - math.exp(lw[-m - 1] - top))   # largest weight: 1
+    if x[int(m / 4 + 0.5) - 1] <= ROUND_OFF:
+        return None
+    return _generalized_pareto_shape(x)
+
+
+def _generalized_pareto_shape(x: np.ndarray) -> float:
+    """Shape ξ of a generalized Pareto fit to sorted exceedances ``x`` >= 0 (Zhang & Stephens).
+
+    With θ = −ξ/σ the likelihood maximised over ξ gives ξ(θ) = mean log(1 − θx) and the profile
+    log-likelihood n (log(−θ/ξ(θ)) − ξ(θ) − 1); θ̂ is its likelihood-weighted mean over a grid.
+    """
+    n = x.size
+    grid_size = 30 + int(math.sqrt(n))
+    quartile = x[int(n / 4 + 0.5) - 1]
+    theta = 1.0 / x[-1] + (1.0 - np.sqrt(grid_size / (np.arange(1, grid_size + 1) - 0.5))) / (
+        3.0 * quartile)
+    xi = np.log1p(-theta[:, None] * x).mean(axis=1)
+    profile = n * (np.log(-theta / xi) - xi - 1.0)
+    weights = np.exp(profile - logsumexp(profile))
+    xi_hat = float(np.log1p(-np.sum(weights * theta) * x).mean())
+    return (n * xi_hat + 10 * 0.5) / (n + 10)   # weak prior pulling ξ towards 1/2

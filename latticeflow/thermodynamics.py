@@ -16,11 +16,11 @@ Conventions
 * ``ess`` is the normalised ESS (Σw)²/(N Σw²) ∈ (0, 1] and ``n_effective = ess · N``. Heavy
   tails that the sample did *not* reach cannot show up in any sample error; the sample ESS then
   overestimates the true one. Two diagnostics guard against that: the number of effective
-  samples, and the tail index k̂ of the largest weights (:func:`pareto_k`; w has a finite
-  variance only for k < 1/2). A result with fewer than ``min_effective`` (default 100) effective
-  samples or with k̂ > ``max_pareto_k`` (default 0.7) is flagged untrustworthy
-  (:attr:`LogZResult.warnings`, :attr:`LogZResult.trusted`): its value and error must not be
-  quoted as a measurement.
+  samples, and the tail index k̂ of the largest weights (:func:`~latticeflow.statistics.pareto_k`;
+  w has a finite variance only for k < 1/2). A result with fewer than ``min_effective``
+  (default 100) effective samples or with k̂ > ``max_pareto_k`` (default 0.7) is flagged
+  untrustworthy (:attr:`LogZResult.warnings`, :attr:`LogZResult.trusted`): its value and error
+  must not be quoted as a measurement.
 * Bounds. KL(q‖p) ≥ 0 gives the reverse (ELBO) bound log Z ≥ E_q[log w]; KL(p‖q) ≥ 0 gives
   the forward (EUBO) bound log Z ≤ E_p[log w] = E_p[−S − log q], estimated with the flow's
   ``log_prob`` on configurations sampled from p (an HMC or neural-MCMC ensemble). The ELBO
@@ -54,12 +54,15 @@ from latticeflow import exact
 from latticeflow import observables as obs
 from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
+from latticeflow.flows.samples import FlowSamples, log_weight
 from latticeflow.statistics import (
+    ROUND_OFF,
     Estimate,
     ReweightedMean,
     ShortChainWarning,
     ess,
     gamma_method,
+    pareto_k,
     reweighted_mean,
 )
 from latticeflow.theories import Action, Phi4, Phi4Hopping, U1Wilson, action_from_table
@@ -76,8 +79,6 @@ REWEIGHT_MIN_ESS = 0.01
 REWEIGHT_MIN_EFFECTIVE = 50
 #: The IS estimate is inconsistent with the forward bound when above it by this many errors.
 BOUND_SIGMAS = 3.0
-#: Relative spread below which a series of log weights counts as constant (round-off).
-_ROUND_OFF = 1e-12
 
 #: A per-configuration measurement: batch ``(B, *field_shape)`` → ``(B,)``.
 Measurement = Callable[[Tensor], Tensor]
@@ -86,27 +87,6 @@ Measurement = Callable[[Tensor], Tensor]
 # --------------------------------------------------------------------------------------------
 # Drawing from the flow, evaluating it on given configurations
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FlowSamples:
-    """Per-draw records of N independent flow samples, float64 arrays of shape ``(N,)``.
-
-    ``measurements[name]`` holds the value of each requested measurement (an observable, or
-    the action of another parameter point for reweighting) on every draw.
-    """
-
-    log_q: np.ndarray
-    action: np.ndarray
-    measurements: dict[str, np.ndarray]
-
-    @property
-    def log_weight(self) -> np.ndarray:
-        """log w = −S − log q."""
-        return -self.action - self.log_q
-
-    def __len__(self) -> int:
-        return len(self.log_q)
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -132,7 +112,7 @@ def sample_flow(flow: Flow, action: Action, n: int, *, batch_size: int = 1024,
             s.append(_numpy(action(x)))
             for name, measure in measurements.items():
                 columns[name].append(_numpy(measure(x)))
-    return FlowSamples(log_q=np.concatenate(log_q), action=np.concatenate(s),
+    return FlowSamples(x=None, log_q=np.concatenate(log_q), action=np.concatenate(s),
                        measurements={name: np.concatenate(c) for name, c in columns.items()})
 
 
@@ -147,7 +127,7 @@ def log_weights_on(flow: Flow, action: Action, configs: ArrayLike | Tensor, *,
         for start in range(0, len(configs), batch_size):
             x = configs[start:start + batch_size].to(device=reference.device,
                                                      dtype=reference.dtype)
-            parts.append(_numpy(-action(x) - flow.log_prob(x)))
+            parts.append(_numpy(log_weight(action(x), flow.log_prob(x))))
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -190,51 +170,6 @@ def reverse_bound(log_weight: ArrayLike) -> Estimate:
     return Estimate(float(lw.mean()), float(lw.std(ddof=1) / math.sqrt(lw.size)))
 
 
-def pareto_k(log_weight: ArrayLike, size: int | None = None) -> float | None:
-    """Tail index k̂ of the largest importance weights (the PSIS diagnostic of Vehtari et al.,
-    arXiv:1507.02646): a generalized Pareto fit to the exceedances of the M = min(N/5, 3√N)
-    largest weights over the next one, by the profile-likelihood quadrature of Zhang & Stephens
-    (Technometrics 51 (2009) 316) with the weak prior of the PSIS reference code.
-
-    ``size``: N, when ``log_weight`` holds only the largest log weights of N draws (a running
-    tail); M is then also at most ``len(log_weight) − 1``. Default: ``len(log_weight)``.
-
-    The weights have finite variance only for k < 1/2 and the estimate's error converges at the
-    usual rate only then; for k̂ > 0.7 the sample is too heavy-tailed for the mean to be
-    estimated reliably at practical N. None when there are fewer than 5 tail draws or the tail
-    is degenerate (a quarter of the tail draws tie with the threshold to round-off, e.g.
-    constant weights).
-    """
-    lw = np.sort(np.asarray(log_weight, dtype=float))
-    n = lw.size if size is None else size
-    m = int(min(n / 5, 3 * math.sqrt(n), lw.size - 1))
-    if m < 5:
-        return None
-    top = lw[-1]
-    x = np.sort(np.exp(lw[-m:] - top) - math.exp(lw[-m - 1] - top))   # largest weight: 1
-    if x[int(m / 4 + 0.5) - 1] <= _ROUND_OFF:
-        return None
-    return _generalized_pareto_shape(x)
-
-
-def _generalized_pareto_shape(x: np.ndarray) -> float:
-    """Shape ξ of a generalized Pareto fit to sorted exceedances ``x`` >= 0 (Zhang & Stephens).
-
-    With θ = −ξ/σ the likelihood maximised over ξ gives ξ(θ) = mean log(1 − θx) and the profile
-    log-likelihood n (log(−θ/ξ(θ)) − ξ(θ) − 1); θ̂ is its likelihood-weighted mean over a grid.
-    """
-    n = x.size
-    grid_size = 30 + int(math.sqrt(n))
-    quartile = x[int(n / 4 + 0.5) - 1]
-    theta = 1.0 / x[-1] + (1.0 - np.sqrt(grid_size / (np.arange(1, grid_size + 1) - 0.5))) / (
-        3.0 * quartile)
-    xi = np.log1p(-theta[:, None] * x).mean(axis=1)
-    profile = n * (np.log(-theta / xi) - xi - 1.0)
-    weights = np.exp(profile - logsumexp(profile))
-    xi_hat = float(np.log1p(-np.sum(weights * theta) * x).mean())
-    return (n * xi_hat + 10 * 0.5) / (n + 10)   # weak prior pulling ξ towards 1/2
-
-
 @dataclass(frozen=True)
 class ForwardBound:
     """EUBO = E_p[−S − log q] ≥ log Z over an ensemble of p, with its Γ-method error;
@@ -251,7 +186,7 @@ def forward_bound(log_weight_chains: Sequence[ArrayLike]) -> ForwardBound:
     an ensemble of p (one array per chain, in Markov order), chains combined as replicas."""
     chains = [np.asarray(c, dtype=float) for c in log_weight_chains]
     joined = np.concatenate(chains)
-    if np.ptp(joined) <= _ROUND_OFF * max(1.0, float(np.abs(joined).max())):
+    if np.ptp(joined) <= ROUND_OFF * max(1.0, float(np.abs(joined).max())):
         # q = p: log w is constant up to round-off, whose "autocorrelation" means nothing
         return ForwardBound(float(joined.mean()), 0.0, joined.size)
     with warnings.catch_warnings(record=True) as caught:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from latticeflow.chain import recipe_chain
 from latticeflow.cli import main
 from latticeflow.config import load_recipe
 from latticeflow.errors import LatticeflowError
 from latticeflow.training import read_checkpoint
+from latticeflow.training.lineage import recipe_lineage as recipe_chain
 
 FLOW = "[flow]\nn_couplings = 2\nn_mixture = 2\nhidden = [2]\n"
 

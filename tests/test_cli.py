@@ -786,8 +786,8 @@ def test_interrupt_train_writes_checkpoint(server: Server, lib: Path, tmp_path: 
 def test_sample_records_proposal_diagnostics(server: Server, lib: Path, tmp_path: Path) -> None:
     """--rows (the spelling for torchrun) is --n; the summary line, the file's attributes,
     `info` and the analysis header give the proposal ESS, k̂ and non-finite count."""
+    from latticeflow.ensemble.proposals import read_proposal_summary
     from latticeflow.measure import analyse
-    from latticeflow.samplers.proposals import read_proposal_summary
     from latticeflow.script_support import ensemble_header
 
     shutil.copytree(lib / "phi4", tmp_path / "phi4")

@@ -8,29 +8,19 @@ import math
 import textwrap
 from pathlib import Path
 
-from latticeflow.commands._chainfile import (
-    add_output_options,
-    check_counts,
-    run_to_file,
-)
-from latticeflow.device import select_device
-from latticeflow.ensemble.output import check_seed, open_output
-from latticeflow.errors import LatticeflowError
-from latticeflow.samplers.hmc import INTEGRATORS, HMCConfig, HMCSampler
-from latticeflow.theories import load_action_card
+from latticeflow.commands._chainfile import add_output_options
+from latticeflow.errors import EXIT_INTERRUPTED, EXIT_OK
+from latticeflow.lattice import lattice_shape
+from latticeflow.samplers.hmc import INTEGRATORS
+from latticeflow.workflows.chainfile import OPTION_NAMES
+from latticeflow.workflows.hmc import HMCRunSettings, hmc_run
 
 log = logging.getLogger("latticeflow")
 
 
 def parse_lattice(text: str) -> tuple[int, ...]:
-    """``"8x8"`` → ``(8, 8)``."""
-    try:
-        shape = tuple(int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise LatticeflowError(f"--lattice must look like 8x8, got {text!r}") from None
-    if not shape or min(shape) < 1:
-        raise LatticeflowError(f"--lattice extents must be positive, got {text!r}")
-    return shape
+    """argparse type: ``"8x8"`` → ``(8, 8)``."""
+    return lattice_shape(text, "--lattice", "8x8")
 
 
 def finite_float(text: str) -> float:
@@ -79,29 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_counts(args)
-    check_seed(args.seed, "--seed")
-    select_device(args.device)  # rejects an unknown or absent device
-    action = load_action_card(args.action_card)
-    try:
-        action.field_shape(args.lattice)  # rejects a lattice the theory cannot take
-    except ValueError as exc:
-        raise LatticeflowError(f"--lattice {'x'.join(map(str, args.lattice))}: {exc}") from None
-    config = HMCConfig(step_size=args.step_size, trajectory_length=args.trajectory_length,
-                       integrator=args.integrator, n_chains=args.chains, n_therm=args.therm,
-                       save_every=args.save_every,
-                       target_accept=args.target_accept or None, dtype=args.dtype,
-                       device=args.device)
-    sampler = HMCSampler(action, args.lattice, config, args.seed)
-    header = sampler.header()
-    log.debug("hmc: %r on lattice %s, %s", action, args.lattice, header["sampler_params"])
-    expected = {"sampler": "hmc", "theory": header["theory"],
-                "action_params": header["action_card"], "lattice": header["lattice"],
-                "seed": header["seed"], "sampler_params": header["sampler_params"]}
-    writer = open_output(args.out, args.resume, args.force, header, args.chunk, expected)
-
-    def summary(_):
-        return (f"acceptance {sampler.acceptance_rate:.3f}, ε = {sampler.step_size:.4g}, "
-                f"{sampler.n_steps} steps per trajectory")
-
-    return run_to_file(sampler, writer, args.n, args.chunk, summary)
+    settings = HMCRunSettings(
+        out=args.out, n=args.n, chunk=args.chunk, step_size=args.step_size,
+        trajectory_length=args.trajectory_length, integrator=args.integrator,
+        target_accept=args.target_accept, therm=args.therm, save_every=args.save_every,
+        chains=args.chains, seed=args.seed, device=args.device, dtype=args.dtype,
+        resume=args.resume, force=args.force, names=OPTION_NAMES)
+    result = hmc_run(args.action_card, args.lattice, settings)
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK

@@ -9,18 +9,25 @@ import os
 import textwrap
 from pathlib import Path
 
-from latticeflow.chain import recipe_chain, train_ancestors
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import run_dir_held
-from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
-from latticeflow.training.checkpoint import _resume_conflicts
+from latticeflow.training import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    read_checkpoint,
+    recipe_lineage,
+    train_ancestors,
+)
+from latticeflow.training.checkpoint import refuse_other_recipe
+from latticeflow.workflows import ANALYSIS_DIR, ENSEMBLE_NAME
+from latticeflow.workflows.analyse import AnalyseSettings, analyse_run
+from latticeflow.workflows.chainfile import OPTION_NAMES
+from latticeflow.workflows.sample import SampleSettings, sample_run
+from latticeflow.workflows.train import TrainSettings, train_run
 
 log = logging.getLogger("latticeflow")
-
-ENSEMBLE_NAME = "nmcmc.h5"
-ANALYSIS_DIR = "analysis"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,12 +82,9 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
     complete_digest = None
     if checkpoint.exists():
         state, digest = read_checkpoint(checkpoint)
-        conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-        if conflicts:
-            raise LatticeflowError(
-                f"{checkpoint} was trained from another recipe (differs in "
-                f"{'; '.join(conflicts)}); use --force to start over, or --out for another "
-                f"run directory")
+        refuse_other_recipe(state, recipe, f"{checkpoint} was trained from another recipe "
+                                           f"(differs in {{differences}}); use --force to start "
+                                           f"over, or --out for another run directory")
         if state["step"] >= recipe.training.steps:
             complete_digest = digest
     ensemble = run_dir / ENSEMBLE_NAME
@@ -94,8 +98,9 @@ def preflight(recipe: Recipe, run_dir: Path, force: bool) -> None:
 
 
 def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str, str]) -> str:
-    """Train, resume or skip (first the ``init_from`` chain, see :mod:`latticeflow.chain`);
-    returns the sha256 of the final checkpoint. ``force`` restarts this recipe's link only."""
+    """Train, resume or skip (first the ``init_from`` lineage, see
+    :mod:`latticeflow.training.lineage`); returns the sha256 of the final checkpoint. ``force``
+    restarts this recipe's training only."""
     checkpoint = run_dir / CHECKPOINT_NAME
     resume = False
     if checkpoint.exists() and not force:
@@ -104,10 +109,10 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str,
             log.info("[1/3] training: complete (%s, step %d)", checkpoint, state["step"])
             return digest
         resume = True
-    parent = None if resume else train_ancestors(recipe, overrides)
+    parent = None if resume else train_ancestors(recipe, overrides)  # logged before this one
     log.info("[1/3] training %s%s", recipe.name, " (resuming)" if resume else "")
-    trainer = open_trainer(recipe, run_dir, resume=resume, force=force, init_from=parent)
-    result = trainer.train()
+    result = train_run(recipe, TrainSettings(out=run_dir, resume=resume, force=force,
+                                             init_from=parent))
     log.info("      final ESS %s, %.0f s", "n/a" if result.ess is None else f"{result.ess:.3f}",
              result.wall_time)
     return read_checkpoint(checkpoint)[1]
@@ -115,8 +120,6 @@ def train_stage(recipe: Recipe, run_dir: Path, force: bool, overrides: dict[str,
 
 def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device: str | None
                  ) -> Path:
-    from latticeflow.commands import sample
-
     out = run_dir / ENSEMBLE_NAME
     resume = False
     if out.exists() and not force:
@@ -131,18 +134,15 @@ def sample_stage(recipe: Recipe, run_dir: Path, digest: str, force: bool, device
         resume = True
     log.info("[2/3] sampling %d configurations%s", recipe.sampling.n,
              " (resuming)" if resume else "")
-    args = argparse.Namespace(checkpoint=run_dir, out=out, n=None, chunk=None, batch_size=None,
-                              chains=None, seed=None, lattice=None, device=device or "auto",
-                              store_dtype="float32", resume=resume, force=force)
-    code = sample.run(args)
-    if code:
+    loaded = load_checkpoint(run_dir, device=device or "auto")
+    settings = SampleSettings(out=out, resume=resume, force=force, names=OPTION_NAMES,
+                              source=str(run_dir))
+    if sample_run(loaded, settings).interrupted:
         raise KeyboardInterrupt
     return out
 
 
 def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
-    from latticeflow import measure, plots, script_support  # slow imports, needed only here
-
     folder = run_dir / ANALYSIS_DIR
     record_path = folder / "observables.json"
     with EnsembleReader(ensemble) as reader:
@@ -157,14 +157,12 @@ def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
             pass
     log.info("[3/3] analysing %s", ensemble)
     folder.mkdir(parents=True, exist_ok=True)
-    result = measure.analyse(ensemble, recipe.analysis.thermalization)
-    report = script_support.observables_report(result)
-    (folder / "observables.txt").write_text(report + "\n")
-    print(report)
-    if recipe.analysis.plots:
-        for path in plots.standard_plots(result, folder, autocorrelation=True):
-            log.info("      wrote %s", path)
-    script_support.write_json(record_path, {**measure.observables_record(result), "source": key})
+    analysis = analyse_run(ensemble, AnalyseSettings(
+        thermalization=recipe.analysis.thermalization, report=folder / "observables.txt",
+        plots=folder if recipe.analysis.plots else None, autocorrelation=True,
+        record=record_path, record_extra={"source": key}, show=print))
+    for path in analysis.plots:
+        log.info("      wrote %s", path)
     return record_path
 
 
@@ -177,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.device is None else {"device": args.device}
     recipe = load_recipe(args.recipe, overrides)
     run_dir = args.out or recipe.default_run_dir()
-    recipe_chain(recipe, overrides)  # refuse a looping or inconsistent chain before any work
+    recipe_lineage(recipe, overrides)  # refuse a looping or inconsistent lineage before any work
     preflight(recipe, run_dir, args.force)
     with run_dir_held(run_dir):  # no other process trains here while this pipeline runs
         digest = train_stage(recipe, run_dir, args.force, overrides)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from latticeflow.chain import train_ancestors
 from latticeflow.config import load_recipe
 from latticeflow.distributed import distributed_session, label_logs
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import open_trainer
+from latticeflow.workflows.train import TrainSettings, train_run
 
 log = logging.getLogger("latticeflow")
 
@@ -88,29 +87,13 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise LatticeflowError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    settings = TrainSettings(out=args.out, resume=args.resume, force=args.force,
+                             init_from=args.init_from, tf32=args.tf32, report=True,
+                             lineage_overrides={k: v for k, v in overrides.items()
+                                                if k == "device"},
+                             source=str(args.recipe))
     with distributed_session(recipe.device) as context:
         if context is not None:
             label_logs(context)
-        init_from = args.init_from
-        if init_from is None and recipe.init_from is not None and not args.resume:
-            if context is not None:
-                raise LatticeflowError(f"{args.recipe} starts from {recipe.init_from}: under "
-                                       f"torchrun train that chain first, or pass --init-from")
-            init_from = train_ancestors(recipe, {k: v for k, v in overrides.items()
-                                                 if k == "device"})
-        trainer = open_trainer(recipe, args.out, resume=args.resume, force=args.force,
-                               init_from=init_from, distributed=context, tf32=args.tf32)
-        if trainer.is_main:
-            processes = "" if context is None else f" x {context.world_size} processes"
-            log.info("training %s: %s on lattice %s, %s, %s on %s%s", recipe.name,
-                     recipe.theory, "x".join(map(str, recipe.lattice)),
-                     recipe.training.estimator, recipe.dtype, trainer.device, processes)
-        result = trainer.train()
-    if trainer.is_main:
-        ess = "not measured" if result.ess is None else f"{result.ess:.4f}"
-        log.info("done: step %d, final ESS %s, skipped steps %d, %.0f s of training",
-                 result.step, ess, result.skipped_steps, result.wall_time)
-        log.info("checkpoint: %s", result.checkpoint)
-        log.info("metrics:    %s", result.metrics)
-        log.info("plot:       %s", result.plot)
+        train_run(recipe, settings, context)
     return 0

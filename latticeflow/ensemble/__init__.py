@@ -12,6 +12,8 @@ What lives where
   "Durability") and the resume-state entries;
 * :mod:`~latticeflow.ensemble.reader`: :class:`EnsembleReader`, :func:`read_ensemble`;
 * :mod:`~latticeflow.ensemble.shards`: :func:`join_shards` ("Joined shards");
+* :mod:`~latticeflow.ensemble.proposals`: the proposal summary a neural-MCMC file records
+  (:func:`~latticeflow.ensemble.proposals.read_proposal_summary`);
 * :mod:`~latticeflow.ensemble.output`: :func:`~latticeflow.ensemble.output.open_output`, a
   sampling run's output file (new, replaced or resumed) with the checks of a user's file.
 """

@@ -1,6 +1,6 @@
 """How :class:`~latticeflow.ensemble.EnsembleWriter` commits a chunk: free-space check and
 reservation, rows, resume state, flush and commit, and abandoning the file when a write fails
-(:class:`_ChunkWriter`, the writer's base class), plus the resume-state entries of a slot.
+(:class:`ChunkWriter`, the writer's base class), plus the resume-state entries of a slot.
 
 Crash safety (SIGKILL at any point)
 -----------------------------------
@@ -80,30 +80,30 @@ import h5py
 import numpy as np
 
 from latticeflow.ensemble.schema import (
-    _STATE_CHUNK_BYTES,
     LENGTH_ATTR,
     RESUME_GROUP,
     RESUME_SLOTS,
+    STATE_CHUNK_BYTES,
 )
 from latticeflow.ensemble.storage import (
     DiskSpaceError,
     EnsembleWriteError,
-    _fail,
-    _reason,
+    file_error,
+    io_reason,
 )
 from latticeflow.locking import FileLock
 
-_RESERVE_MARGIN = 64 << 10       # bytes reserved for a chunk's metadata
+RESERVE_MARGIN = 64 << 10       # bytes reserved for a chunk's metadata
 
 
-def _read_state_entry(dataset: h5py.Dataset) -> np.ndarray:
+def read_state_entry(dataset: h5py.Dataset) -> np.ndarray:
     """A resume-state value: the first ``length`` rows, or the whole (older or scalar) dataset."""
     if LENGTH_ATTR in dataset.attrs:
         return np.asarray(dataset[:int(dataset.attrs[LENGTH_ATTR])])
     return np.asarray(dataset[()])
 
 
-def _bytes_touched(dataset: h5py.Dataset, start: int, k: int) -> int:
+def bytes_touched(dataset: h5py.Dataset, start: int, k: int) -> int:
     """An upper bound on the file space that writing rows ``[start, start + k)`` of a row
     dataset takes: every HDF5 chunk they begin, in full, plus its index entry (a chunk that
     already holds rows is rewritten in place)."""
@@ -113,7 +113,7 @@ def _bytes_touched(dataset: h5py.Dataset, start: int, k: int) -> int:
     return chunks * (per_chunk * row + 64)
 
 
-def _write_state_entry(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
+def write_state_entry(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
     """Store ``value`` as entry ``name`` of a resume slot, in place where possible (see
     "Resume state" in :mod:`latticeflow.ensemble.schema`); returns the dataset."""
     if name in group and not _fits(group[name], value):
@@ -126,7 +126,7 @@ def _write_state_entry(group: h5py.Group, name: str, value: np.ndarray) -> h5py.
         return group[name]
     if name not in group:
         row_bytes = max(1, value.dtype.itemsize * math.prod(value.shape[1:]))
-        rows = max(1, min(len(value), _STATE_CHUNK_BYTES // row_bytes))
+        rows = max(1, min(len(value), STATE_CHUNK_BYTES // row_bytes))
         group.create_dataset(name, shape=value.shape, maxshape=(None, *value.shape[1:]),
                              dtype=value.dtype, chunks=(rows, *value.shape[1:]))
         group[name].attrs[LENGTH_ATTR] = np.int64(0)
@@ -149,7 +149,7 @@ def _fits(dataset: h5py.Dataset, value: np.ndarray) -> bool:
             and dataset.shape[1:] == value.shape[1:])
 
 
-def _close_without_writing(file: h5py.File) -> None:
+def close_without_writing(file: h5py.File) -> None:
     """Close ``file`` so that nothing more reaches the disk: HDF5's file descriptor is first
     pointed at an anonymous memory file (Linux; elsewhere HDF5 closes the file as it is)."""
     try:
@@ -164,7 +164,7 @@ def _close_without_writing(file: h5py.File) -> None:
             pass
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """The commit protocol of :class:`~latticeflow.ensemble.EnsembleWriter` (see "Crash
     safety" above); the writer sets the attributes and defines :meth:`_release`."""
 
@@ -190,7 +190,7 @@ class _ChunkWriter:
         first, the commit lock is held throughout, the reservation's unused part is cut off
         after, and a failed write abandons the file (see "Durability")."""
         if not self._file.id.valid:
-            raise _fail(self._path, "the writer is closed")
+            raise file_error(self._path, "the writer is closed")
         self._check_free_space(what, size)
         with self._lock.committing():
             end = self._reserve(what, size)
@@ -203,7 +203,7 @@ class _ChunkWriter:
             except OSError as exc:
                 self._abandon()
                 raise EnsembleWriteError(
-                    f"{self._path}: writing {what} failed ({_reason(exc)}); the first "
+                    f"{self._path}: writing {what} failed ({io_reason(exc)}); the first "
                     f"{self._n_complete} rows are safely in the file; free space, then "
                     f"`--resume`") from None
 
@@ -245,7 +245,7 @@ class _ChunkWriter:
         """Stop all writes to the file after a failed one and close it: HDF5's descriptor is
         pointed at an anonymous memory file, so closing cannot write half a state to disk."""
         try:
-            _close_without_writing(self._file)
+            close_without_writing(self._file)
         finally:
             self._handles.clear()
             self._release()
@@ -296,7 +296,7 @@ class _ChunkWriter:
             if name not in state and LENGTH_ATTR in group[name].attrs:
                 group[name].attrs.modify(LENGTH_ATTR, np.int64(0))
         for name, value in state.items():
-            self._handles.append(_write_state_entry(group, name, value))
+            self._handles.append(write_state_entry(group, name, value))
         group.attrs.modify("n_rows", np.int64(n_rows))
 
     def _check_resume_group(self) -> None:

@@ -10,8 +10,8 @@ import os
 import h5py
 import numpy as np
 
-from latticeflow.ensemble.schema import Ensemble, EnsembleMetadata, _read_metadata
-from latticeflow.ensemble.storage import _WRITING, _fail, _file_key, _open
+from latticeflow.ensemble.schema import Ensemble, EnsembleMetadata, read_metadata
+from latticeflow.ensemble.storage import WRITING, file_error, file_key, open_h5
 from latticeflow.locking import FileLock, lock_same_file
 
 
@@ -26,13 +26,13 @@ class EnsembleReader:
         self._lock = _reading_lock(path)
         try:
             # HDF5's own lock would refuse a file being written; the commit lock guards instead.
-            self._file = _open(path, "r", locking=self._lock is None)
+            self._file = open_h5(path, "r", locking=self._lock is None)
         except BaseException:
             if self._lock is not None:
                 self._lock.close()
             raise
         try:
-            self.metadata: EnsembleMetadata = _read_metadata(self._file, path)
+            self.metadata: EnsembleMetadata = read_metadata(self._file, path)
         except BaseException:
             self.close()
             raise
@@ -65,7 +65,7 @@ class EnsembleReader:
         try:
             return self._file[name][start:stop]
         except OSError as exc:
-            raise _fail(self._path, f"corrupt ensemble: cannot read /{name}: {exc}") from None
+            raise file_error(self._path, f"corrupt ensemble: cannot read /{name}: {exc}") from None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.read(name)
@@ -88,7 +88,7 @@ class _OwnWrite(Exception):
 
 
 def _acquire_reading(lock: FileLock) -> None:
-    if _file_key(lock.fd) in _WRITING:
+    if file_key(lock.fd) in WRITING:
         raise _OwnWrite
     lock.acquire_reading()
 
@@ -100,7 +100,7 @@ def _reading_lock(path: str | os.PathLike) -> FileLock | None:
     try:
         return lock_same_file(path, False, _acquire_reading)
     except FileNotFoundError:
-        raise _fail(path, "no such ensemble file") from None
+        raise file_error(path, "no such ensemble file") from None
     except _OwnWrite:
         return None
 

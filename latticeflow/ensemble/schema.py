@@ -49,7 +49,7 @@ import h5py
 import numpy as np
 import torch
 
-from latticeflow.ensemble.storage import _fail
+from latticeflow.ensemble.storage import file_error
 from latticeflow.errors import LatticeflowError
 
 FORMAT = "latticeflow-ensemble"
@@ -72,10 +72,10 @@ ROW_DTYPES = {
 _REQUIRED_ATTRS = ("theory", "action_params", "lattice", "sampler", "seed", "created",
                    "latticeflow_version", "checkpoint_sha256", "sampler_params", "n_complete")
 _CONFIG_CHUNK_BYTES = 4 << 20   # at most 4 MiB of uncompressed configurations per HDF5 chunk
-_SCALAR_CHUNK_ROWS = 4096      # per-row scalars: uncompressed, long chunks (few index nodes)
+SCALAR_CHUNK_ROWS = 4096      # per-row scalars: uncompressed, long chunks (few index nodes)
 # Resume-state arrays: at most 64 KiB per HDF5 chunk, so that an entry's capacity exceeds its
 # longest value by less than that (both slots are sized by the first chunk's state).
-_STATE_CHUNK_BYTES = 64 << 10
+STATE_CHUNK_BYTES = 64 << 10
 LENGTH_ATTR = "length"
 
 
@@ -119,7 +119,7 @@ def row_datasets(sampler: str, chains: bool = False) -> tuple[str, ...]:
     return COMMON_DATASETS + SAMPLER_DATASETS[sampler] + ((CHAIN_DATASET,) if chains else ())
 
 
-def _numpy_dtype(dtype: Any) -> np.dtype:
+def numpy_dtype(dtype: Any) -> np.dtype:
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     result = np.dtype(dtype)
@@ -128,7 +128,7 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
     return result
 
 
-def _config_chunk_length(chunk_rows: int, row_bytes: int, compression: str | None) -> int:
+def config_chunk_length(chunk_rows: int, row_bytes: int, compression: str | None) -> int:
     """Rows per HDF5 chunk of ``/configs``: 1 when compressed (a compressed chunk must never be
     rewritten, see :mod:`latticeflow.ensemble.chunks`), else the largest divisor of
     ``chunk_rows`` whose chunk stays within ``_CONFIG_CHUNK_BYTES``."""
@@ -140,12 +140,12 @@ def _config_chunk_length(chunk_rows: int, row_bytes: int, compression: str | Non
     return max(n for n in range(1, limit + 1) if chunk_rows % n == 0)
 
 
-def _read_metadata(f: h5py.File, path: str | os.PathLike) -> EnsembleMetadata:
+def read_metadata(f: h5py.File, path: str | os.PathLike) -> EnsembleMetadata:
     """Validate the header of an open file and decode it; raises LatticeflowError."""
     try:
         metadata = _decode_metadata(f, path)
     except (OSError, KeyError) as exc:
-        raise _fail(path, f"corrupt ensemble: {exc}") from None
+        raise file_error(path, f"corrupt ensemble: {exc}") from None
     if SHARDS_ATTR in f.attrs:
         _check_shards(f, path)
     return metadata
@@ -156,53 +156,54 @@ def _check_shards(f: h5py.File, path: str | os.PathLike) -> None:
     try:
         shards = json.loads(f.attrs[SHARDS_ATTR])
     except (TypeError, ValueError) as exc:
-        raise _fail(path, f"corrupt joined ensemble: bad {SHARDS_ATTR} attribute ({exc})") from None
+        raise file_error(path, f"corrupt joined ensemble: bad {SHARDS_ATTR} attribute "
+                               f"({exc})") from None
     folder = Path(path).resolve().parent
     for shard in shards:
         source = folder / shard["file"]
         if not source.is_file():
-            raise _fail(path, f"shard {source} is missing (a joined ensemble reads its rows "
+            raise file_error(path, f"shard {source} is missing (a joined ensemble reads its rows "
                               f"from its shard files; keep them next to it)")
         try:
             with h5py.File(source, "r") as g:
                 have = int(g.attrs.get("n_complete", -1))
         except OSError as exc:
-            raise _fail(path, f"cannot open shard {source} (is it being written?): "
+            raise file_error(path, f"cannot open shard {source} (is it being written?): "
                               f"{exc}") from None
         if have < int(shard["rows"]):
-            raise _fail(path, f"shard {source} holds {have} rows but the joined file maps "
+            raise file_error(path, f"shard {source} holds {have} rows but the joined file maps "
                               f"{shard['rows']}; it was replaced after joining")
 
 
 def _decode_metadata(f: h5py.File, path: str | os.PathLike) -> EnsembleMetadata:
     attrs = f.attrs
     if attrs.get("format") != FORMAT:
-        raise _fail(path, f"not a latticeflow ensemble (format attribute is "
+        raise file_error(path, f"not a latticeflow ensemble (format attribute is "
                           f"{attrs.get('format')!r}, expected {FORMAT!r})")
     version = attrs.get("format_version")
     if version is None or int(version) != FORMAT_VERSION:
-        raise _fail(path, f"unsupported ensemble format_version {version!r} "
+        raise file_error(path, f"unsupported ensemble format_version {version!r} "
                           f"(this latticeflow reads version {FORMAT_VERSION})")
     missing = [name for name in _REQUIRED_ATTRS if name not in attrs]
     if missing:
-        raise _fail(path, f"corrupt ensemble: missing attribute(s) {', '.join(missing)}")
+        raise file_error(path, f"corrupt ensemble: missing attribute(s) {', '.join(missing)}")
     sampler = str(attrs["sampler"])
     if sampler not in SAMPLERS:
-        raise _fail(path, f"corrupt ensemble: unknown sampler {sampler!r}")
+        raise file_error(path, f"corrupt ensemble: unknown sampler {sampler!r}")
     n_complete = int(attrs["n_complete"])
     present = tuple(name for name in row_datasets(sampler, chains=True) if name in f)
     for name in row_datasets(sampler):
         if name not in present:
-            raise _fail(path, f"corrupt ensemble: dataset /{name} is missing")
+            raise file_error(path, f"corrupt ensemble: dataset /{name} is missing")
     for name in present:
         if f[name].shape[0] < n_complete:
-            raise _fail(path, f"truncated ensemble: /{name} has {f[name].shape[0]} rows but "
+            raise file_error(path, f"truncated ensemble: /{name} has {f[name].shape[0]} rows but "
                               f"n_complete = {n_complete}")
     try:
         action_params = json.loads(attrs["action_params"])
         sampler_params = json.loads(attrs["sampler_params"])
     except (TypeError, ValueError) as exc:
-        raise _fail(path, f"corrupt ensemble: bad JSON attribute ({exc})") from None
+        raise file_error(path, f"corrupt ensemble: bad JSON attribute ({exc})") from None
     configs = f["configs"]
     return EnsembleMetadata(
         path=str(path), format_version=int(version), theory=str(attrs["theory"]),

@@ -35,7 +35,7 @@ from latticeflow.ensemble.schema import (
     SHARDS_ATTR,
     EnsembleMetadata,
 )
-from latticeflow.ensemble.storage import _fail
+from latticeflow.ensemble.storage import file_error
 from latticeflow.errors import LatticeflowError
 
 #: Values HDF5 returns for rows of a joined file whose shard cannot be found.
@@ -54,7 +54,7 @@ def join_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
     """
     path = Path(path)
     if path.exists() and not force:
-        raise _fail(path, "already exists; refusing to overwrite it without force")
+        raise file_error(path, "already exists; refusing to overwrite it without force")
     if not shards:
         raise LatticeflowError(f"{path}: no shards to join")
     metas = []

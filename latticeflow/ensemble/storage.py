@@ -30,7 +30,7 @@ from latticeflow.errors import LatticeflowError
 from latticeflow.locking import InUseError
 
 #: (st_dev, st_ino) of the files this process has open for writing.
-_WRITING: set[tuple[int, int]] = set()
+WRITING: set[tuple[int, int]] = set()
 
 
 class DiskSpaceError(LatticeflowError):
@@ -41,28 +41,29 @@ class EnsembleWriteError(LatticeflowError):
     """Writing a chunk failed; the file holds its committed rows and the writer is closed."""
 
 
-def _fail(path: str | os.PathLike, problem: str) -> LatticeflowError:
+def file_error(path: str | os.PathLike, problem: str) -> LatticeflowError:
     return LatticeflowError(f"{path}: {problem}")
 
 
-def _open(path: str | os.PathLike, mode: str, locking: bool = True) -> h5py.File:
+def open_h5(path: str | os.PathLike, mode: str, locking: bool = True) -> h5py.File:
     try:
         return h5py.File(path, mode, locking=locking)
     except FileNotFoundError:
-        raise _fail(path, "no such ensemble file") from None
+        raise file_error(path, "no such ensemble file") from None
     except OSError as exc:
         if "unable to lock file" in str(exc):
             raise InUseError(f"{path}: in use by another process (it holds HDF5's file lock); "
                              f"wait for it to close the file") from None
-        raise _fail(path, f"not a readable HDF5 ensemble (truncated or corrupt?): {exc}") from None
+        raise file_error(path, f"not a readable HDF5 ensemble (truncated or corrupt?): "
+                               f"{exc}") from None
 
 
-def _file_key(fd_or_path: int | str | os.PathLike) -> tuple[int, int]:
+def file_key(fd_or_path: int | str | os.PathLike) -> tuple[int, int]:
     st = os.fstat(fd_or_path) if isinstance(fd_or_path, int) else os.stat(fd_or_path)
     return st.st_dev, st.st_ino
 
 
-def _reason(exc: BaseException) -> str:
+def io_reason(exc: BaseException) -> str:
     """The operating system's words for an HDF5 I/O error (``File too large``, ...)."""
     text = str(exc)
     found = re.search(r"error message = '([^']*)'", text)
@@ -87,7 +88,7 @@ def sync_folder(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, path: Path, replace: bool) -> None:
+def publish(tmp: Path, path: Path, replace: bool) -> None:
     """Put the finished file ``tmp`` at ``path``: over the old file (``replace``) or only where
     there is none (a hard link cannot clobber a file that appeared meanwhile)."""
     if replace:
@@ -96,12 +97,13 @@ def _publish(tmp: Path, path: Path, replace: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise _fail(path, "already exists; refusing to overwrite it without force") from None
+            raise file_error(path, "already exists; refusing to overwrite it without "
+                                   "force") from None
         except OSError as exc:  # a file system without hard links
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
                 raise
             if path.exists():
-                raise _fail(path, "already exists; refusing to overwrite it without "
+                raise file_error(path, "already exists; refusing to overwrite it without "
                                   "force") from None
             os.replace(tmp, path)
         else:
@@ -154,7 +156,7 @@ def _lookup3(data: bytes) -> int:
     return c
 
 
-def _extend_allocation(fd: int) -> bool:
+def extend_allocation(fd: int) -> bool:
     """Raise the end of allocation (EOA) in the superblock of the HDF5 file ``fd`` to the
     file's size; True when it did. HDF5 writes the superblock last in a flush, so a killed
     writer can leave links to objects it wrote beyond the EOA on disk, which HDF5 then refuses

@@ -19,42 +19,42 @@ import numpy as np
 
 import latticeflow
 from latticeflow.ensemble.chunks import (
-    _RESERVE_MARGIN,
-    _bytes_touched,
-    _ChunkWriter,
-    _close_without_writing,
-    _read_state_entry,
-    _write_state_entry,
+    RESERVE_MARGIN,
+    ChunkWriter,
+    bytes_touched,
+    close_without_writing,
+    read_state_entry,
+    write_state_entry,
 )
 from latticeflow.ensemble.schema import (
-    _SCALAR_CHUNK_ROWS,
     FORMAT,
     FORMAT_VERSION,
     RESUME_GROUP,
     RESUME_SLOTS,
     ROW_DTYPES,
     SAMPLERS,
+    SCALAR_CHUNK_ROWS,
     SHARDS_ATTR,
     EnsembleMetadata,
-    _config_chunk_length,
-    _numpy_dtype,
-    _read_metadata,
+    config_chunk_length,
+    numpy_dtype,
+    read_metadata,
     row_datasets,
 )
 from latticeflow.ensemble.storage import (
-    _WRITING,
-    _extend_allocation,
-    _fail,
-    _file_key,
-    _open,
-    _publish,
-    _reason,
+    WRITING,
+    extend_allocation,
+    file_error,
+    file_key,
+    io_reason,
+    open_h5,
+    publish,
 )
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import FileLock, own_file
 
 
-class EnsembleWriter(_ChunkWriter):
+class EnsembleWriter(ChunkWriter):
     """Append-only writer of one ensemble file; see :mod:`latticeflow.ensemble.chunks` for the
     protocol.
 
@@ -67,14 +67,14 @@ class EnsembleWriter(_ChunkWriter):
         self._file = file
         self._path = path
         self._lock = lock
-        self._key = _file_key(lock.fd)
-        self._metadata = _read_metadata(file, path)
+        self._key = file_key(lock.fd)
+        self._metadata = read_metadata(file, path)
         self._n_complete = self._metadata.n_complete
         self._names = self._metadata.datasets
         # Datasets written since the last flush, kept open: closing one writes its chunk cache,
         # and a write failing there would only be printed, not raised.
         self._handles: list[h5py.Dataset] = []
-        _WRITING.add(self._key)
+        WRITING.add(self._key)
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -121,8 +121,8 @@ class EnsembleWriter(_ChunkWriter):
                                    f"got {compression!r}")
         path = Path(path)
         if path.exists() and not force:
-            raise _fail(path, "already exists; refusing to overwrite it without force")
-        config_dtype = _numpy_dtype(dtype)
+            raise file_error(path, "already exists; refusing to overwrite it without force")
+        config_dtype = numpy_dtype(dtype)
         field_shape = tuple(int(n) for n in field_shape)
         old = own_file(path) if path.exists() else None  # refuses a file being written
         try:
@@ -148,7 +148,7 @@ class EnsembleWriter(_ChunkWriter):
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise _fail(path, f"cannot create ensemble file: {exc}") from None
+            raise file_error(path, f"cannot create ensemble file: {exc}") from None
         lock = FileLock(fd, tmp)
         f = None
         try:
@@ -169,7 +169,7 @@ class EnsembleWriter(_ChunkWriter):
             attrs["sampler_params"] = json.dumps(dict(sampler_params), sort_keys=True)
             attrs["n_complete"] = np.int64(0)
             row_bytes = config_dtype.itemsize * math.prod(field_shape)
-            rows_per_chunk = _config_chunk_length(chunk_rows, row_bytes, compression)
+            rows_per_chunk = config_chunk_length(chunk_rows, row_bytes, compression)
             f.create_dataset(
                 "configs", shape=(0, *field_shape), maxshape=(None, *field_shape),
                 dtype=config_dtype, chunks=(rows_per_chunk, *field_shape),
@@ -178,7 +178,7 @@ class EnsembleWriter(_ChunkWriter):
             )
             for name in row_datasets(sampler, chains)[1:]:
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=ROW_DTYPES[name],
-                                 chunks=(_SCALAR_CHUNK_ROWS,))
+                                 chunks=(SCALAR_CHUNK_ROWS,))
             # Every group the resume state needs exists before the file is published: a link added
             # later would be written before the superblock's end-of-allocation that covers its
             # target (see "Crash safety" in ensemble.chunks).
@@ -189,7 +189,7 @@ class EnsembleWriter(_ChunkWriter):
                 fill(f)
             f.flush()
             lock.fsync()
-            _publish(tmp, path, replace)
+            publish(tmp, path, replace)
             lock.path = path
             return cls(f, path, lock)
         except BaseException as exc:
@@ -198,7 +198,7 @@ class EnsembleWriter(_ChunkWriter):
             lock.close()
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                raise _fail(path, f"cannot create ensemble file: {_reason(exc)}") from None
+                raise file_error(path, f"cannot create ensemble file: {io_reason(exc)}") from None
             raise
 
     @classmethod
@@ -215,16 +215,16 @@ class EnsembleWriter(_ChunkWriter):
         try:
             lock = own_file(path)
         except FileNotFoundError:
-            raise _fail(path, "no such ensemble file") from None
+            raise file_error(path, "no such ensemble file") from None
         writer = None
         try:
             with lock.committing():
                 extended = False
                 while True:
-                    f = _open(path, "r+")
+                    f = open_h5(path, "r+")
                     try:
                         if SHARDS_ATTR in f.attrs:
-                            raise _fail(path, "a joined ensemble of shards cannot be appended "
+                            raise file_error(path, "a joined ensemble of shards cannot be appended "
                                               "to; resume its shards (the same torchrun "
                                               "command with --resume), which joins them again")
                         writer = cls(f, path, lock)
@@ -237,14 +237,14 @@ class EnsembleWriter(_ChunkWriter):
                             # in ensemble.chunks): write nothing more through this handle; retry
                             # with the end of allocation raised to the end of the file, then
                             # fall back to a new file with the committed state.
-                            _WRITING.discard(writer._key)
+                            WRITING.discard(writer._key)
                             writer = None
-                            _close_without_writing(f)
+                            close_without_writing(f)
                     except BaseException:
                         if f.id.valid:
                             f.close()
                         raise
-                    if extended or not _extend_allocation(lock.fd):
+                    if extended or not extend_allocation(lock.fd):
                         break
                     extended = True
                 repaired = cls._repair(path)
@@ -252,7 +252,7 @@ class EnsembleWriter(_ChunkWriter):
             return repaired
         except BaseException:
             if writer is not None:
-                _WRITING.discard(writer._key)
+                WRITING.discard(writer._key)
             lock.close()
             raise
 
@@ -262,9 +262,9 @@ class EnsembleWriter(_ChunkWriter):
         first ``n_complete`` rows and the valid resume slot (caller owns ``path``). Built under
         a temporary name and renamed over ``path``, so a kill meanwhile leaves ``path`` as it
         was."""
-        src = _open(path, "r", locking=False)
+        src = open_h5(path, "r", locking=False)
         try:
-            metadata = _read_metadata(src, path)
+            metadata = read_metadata(src, path)
             n = metadata.n_complete
             slot = None
             if n > 0:
@@ -272,7 +272,7 @@ class EnsembleWriter(_ChunkWriter):
                 slot = next((s for s in RESUME_SLOTS if s in resume
                              and int(resume[s].attrs.get("n_rows", -1)) == n), None)
                 if slot is None:
-                    raise _fail(path, f"corrupt ensemble: no resume state for the {n} "
+                    raise file_error(path, f"corrupt ensemble: no resume state for the {n} "
                                       f"complete rows")
             configs = src["configs"]
 
@@ -283,7 +283,7 @@ class EnsembleWriter(_ChunkWriter):
                     _copy_rows(src[name], f[name], n)
                 if slot is not None:
                     old = src[RESUME_GROUP][slot]
-                    state = {name: _read_state_entry(old[name]) for name in old}
+                    state = {name: read_state_entry(old[name]) for name in old}
                     for target, n_rows in ((s, -1) for s in RESUME_SLOTS if s != slot):
                         _write_slot_entries(f[RESUME_GROUP][target], state, n_rows)
                     _write_slot_entries(f[RESUME_GROUP][slot], state, n)
@@ -297,7 +297,7 @@ class EnsembleWriter(_ChunkWriter):
                 config_dtype=metadata.config_dtype, chains="chain" in metadata.datasets,
                 chunk_rows=configs.chunks[0], compression=configs.compression, fill=fill)
         except _DAMAGE as exc:
-            raise _fail(path, f"corrupt ensemble: cannot read its committed state: "
+            raise file_error(path, f"corrupt ensemble: cannot read its committed state: "
                               f"{exc}") from None
         finally:
             src.close()
@@ -308,7 +308,7 @@ class EnsembleWriter(_ChunkWriter):
             if self._file[name].shape[0] != self._n_complete:
                 self._file[name].resize(self._n_complete, axis=0)
         if self._n_complete > 0 and self._valid_slot() is None:
-            raise _fail(self._path, f"corrupt ensemble: no resume state for the "
+            raise file_error(self._path, f"corrupt ensemble: no resume state for the "
                                     f"{self._n_complete} complete rows")
         self._flush()
 
@@ -338,7 +338,7 @@ class EnsembleWriter(_ChunkWriter):
         if slot is None:
             return None
         group = self._file[RESUME_GROUP][slot]
-        return {name: _read_state_entry(group[name]) for name in group}
+        return {name: read_state_entry(group[name]) for name in group}
 
     # ---------------------------------------------------------------------------- writing
     def append(self, rows: Mapping[str, np.ndarray], resume_state: Mapping[str, np.ndarray]
@@ -354,8 +354,8 @@ class EnsembleWriter(_ChunkWriter):
         """
         k = self._check_rows(rows)
         state = {name: np.asarray(value) for name, value in resume_state.items()}
-        size = (sum(_bytes_touched(self._file[name], self._n_complete, k) for name in self._names)
-                + 2 * sum(v.nbytes for v in state.values()) + _RESERVE_MARGIN)
+        size = (sum(bytes_touched(self._file[name], self._n_complete, k) for name in self._names)
+                + 2 * sum(v.nbytes for v in state.values()) + RESERVE_MARGIN)
         what = f"rows {self._n_complete}..{self._n_complete + k - 1}"
         with self._changing(what, size):
             self._write_rows(rows, k)
@@ -373,7 +373,7 @@ class EnsembleWriter(_ChunkWriter):
             self._release()
 
     def _release(self) -> None:
-        _WRITING.discard(self._key)
+        WRITING.discard(self._key)
         self._lock.close()
 
     def __enter__(self) -> EnsembleWriter:
@@ -386,7 +386,7 @@ class EnsembleWriter(_ChunkWriter):
         """Write extra root attributes (numbers or strings; a scalar is rewritten in place
         when it already exists with the same type) and flush. For run diagnostics such as the
         proposal summary of neural MCMC; the schema's own attributes are not to be set here."""
-        with self._changing("the run's attributes", _RESERVE_MARGIN):
+        with self._changing("the run's attributes", RESERVE_MARGIN):
             for name, value in attrs.items():
                 self._file.attrs.modify(name, value)
 
@@ -407,5 +407,5 @@ def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
 def _write_slot_entries(group: h5py.Group, state: Mapping[str, np.ndarray], n_rows: int
                         ) -> None:
     for name, value in state.items():
-        _write_state_entry(group, name, value)
+        write_state_entry(group, name, value)
     group.attrs.modify("n_rows", np.int64(n_rows))

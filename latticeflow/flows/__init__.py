@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
@@ -13,14 +14,21 @@ from latticeflow.flows.u1_equivariant import MASK_PERIOD, u1_equivariant
 __all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp",
            "u1_equivariant", "DEFAULT_ARCHITECTURE", "MASK_PERIOD"]
 
-#: Defaults per theory; a recipe's [flow] table overrides any of these keys.
+_FLOWS = {"phi4": realnvp, "u1": u1_equivariant}
+
+
+def _signature_defaults(constructor: Callable[..., Flow]) -> dict[str, Any]:
+    """The architecture keywords of a flow constructor with their defaults (the lattice and the
+    action parameters excluded; sequences as lists, the form recipes and checkpoints store)."""
+    return {name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for name, p in inspect.signature(constructor).parameters.items()
+            if p.default is not inspect.Parameter.empty and name != "beta"}
+
+
+#: Defaults per theory, read from the constructors' signatures (the one place they are set);
+#: a recipe's [flow] table overrides any of these keys.
 DEFAULT_ARCHITECTURE: dict[str, dict[str, Any]] = {
-    "phi4": {"n_couplings": 8, "hidden": [16, 16], "kernel_size": 3, "activation": "leaky_relu",
-             "base": "normal", "fourier_terms": 3, "transform": "affine", "n_bins": 8,
-             "spline_bound": 3.0},
-    "u1": {"n_couplings": 16, "n_mixture": 6, "hidden": [8, 8], "kernel_size": 3,
-           "activation": "leaky_relu", "loop_length": 2, "prior": "plaquette"},
-}
+    theory: _signature_defaults(constructor) for theory, constructor in _FLOWS.items()}
 
 
 def build_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any] | None = None,

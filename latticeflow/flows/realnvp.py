@@ -9,6 +9,7 @@ input gradient at that output gradient.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ class AffineCoupling(MaskedCoupling):
         return input_vjp(self.net, cond.values, grad_out).squeeze(1)
 
 
-def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | None = None,
+def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int] = (16, 16),
             kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
             fourier_terms: int = 3, transform: str = "affine", n_bins: int = 8,
             spline_bound: float = 3.0) -> Flow:
@@ -87,7 +88,7 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: list[int] | 
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
-    hidden = [8, 8] if hidden is None else list(hidden)
+    hidden = list(hidden)
     if base not in BASES:
         raise ValueError(f"unknown base {base!r}; choose one of {', '.join(BASES)}")
     if transform not in TRANSFORMS:

@@ -27,6 +27,7 @@ active plaquettes' gradients are gathered on the plaquettes, and the plaquettes'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -170,9 +171,9 @@ PRIORS = ("uniform", "plaquette")
 
 
 def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: int = 6,
-                   hidden: list[int] | None = None, kernel_size: int = 3,
+                   hidden: Sequence[int] = (8, 8), kernel_size: int = 3,
                    activation: str = "leaky_relu", loop_length: int = 2,
-                   prior: str = "uniform", beta: float | None = None) -> Flow:
+                   prior: str = "plaquette", beta: float | None = None) -> Flow:
     """Gauge-equivariant flow on a 2D lattice with extents divisible by 4.
 
     ``prior``: ``"uniform"`` (Haar: independent uniform links) or ``"plaquette"``
@@ -190,7 +191,7 @@ def u1_equivariant(lattice: tuple[int, int], n_couplings: int = 16, n_mixture: i
     if len(lattice) != 2 or any(n % MASK_PERIOD for n in lattice):
         raise ValueError(f"the U(1) flow needs a 2D lattice with extents divisible by "
                          f"{MASK_PERIOD}, got {lattice}")
-    hidden = [8, 8] if hidden is None else list(hidden)
+    hidden = list(hidden)
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
     if prior == "plaquette" and beta is None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from latticeflow.ensemble import Ensemble, EnsembleMetadata
+from latticeflow.ensemble.proposals import read_proposal_summary
 from latticeflow.errors import LatticeflowError
 from latticeflow.measure.estimates import gamma_observable
 from latticeflow.measure.exact_reference import exact_reference
@@ -39,7 +40,6 @@ from latticeflow.measure.rows import (
     open_rows,
 )
 from latticeflow.measure.u1 import _U1Analysis
-from latticeflow.samplers.proposals import read_proposal_summary
 from latticeflow.statistics import Estimate
 from latticeflow.theories import Action, U1Wilson, action_from_table
 

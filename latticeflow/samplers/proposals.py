@@ -4,15 +4,16 @@ The chain rows of an NMCMC ensemble are (repeated) states distributed as p, not 
 importance-sampling diagnostics computed over them are biased. The sampler therefore keeps
 running statistics of the log weights log w = −S − log q of *every* proposal it uses (the chain
 states and the rejected ones alike, across resumes) and the ensemble file stores their summary
-as root attributes (:data:`ATTRIBUTES`; a joined file of shards, from ``torchrun ... sample``,
-carries those of all the shards' proposals together):
+as root attributes (:data:`~latticeflow.ensemble.proposals.ATTRIBUTES`, read back by
+:func:`~latticeflow.ensemble.proposals.read_proposal_summary`; a joined file of shards, from
+``torchrun ... sample``, carries those of all the shards' proposals together):
 
 * ``proposals``: proposals used; ``nonfinite_proposals``: those with a non-finite log weight
   (S or log q infinite or NaN), which are never accepted;
 * ``proposal_ess``: the normalised ESS (Σw)²/(N Σw²) ∈ (0, 1] over the N finite proposals
   (NaN when there are none), as :func:`latticeflow.statistics.ess`;
 * ``proposal_pareto_k``: the Pareto tail index k̂ of those weights
-  (:func:`latticeflow.thermodynamics.pareto_k`; NaN when undefined). The running state keeps
+  (:func:`latticeflow.statistics.pareto_k`; NaN when undefined). The running state keeps
   the ``TAIL_CAPACITY`` largest log weights, so for N > ~466 000 the tail fit uses those
   2047 largest weights instead of 3√N.
 
@@ -26,54 +27,17 @@ run's bit for bit: float sums depend on how the terms are grouped.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from latticeflow.ensemble import EnsembleReader
-from latticeflow.thermodynamics import pareto_k
+from latticeflow.ensemble.proposals import ProposalSummary
+from latticeflow.statistics import pareto_k
 
 TAIL_CAPACITY = 2048
 BLOCK = 1024
-ATTRIBUTES = ("proposals", "nonfinite_proposals", "proposal_ess", "proposal_pareto_k")
 _STATE_KEYS = ("count", "nonfinite", "shift", "sum_w", "sum_w2", "tail", "pending")
-
-
-@dataclass(frozen=True)
-class ProposalSummary:
-    """What the file records about a run's proposals (see the module docstring)."""
-
-    proposals: int
-    nonfinite: int
-    ess: float
-    pareto_k: float | None
-
-    def attributes(self) -> dict[str, int | float]:
-        """The file's root attributes (k̂ = NaN when undefined)."""
-        k = math.nan if self.pareto_k is None else self.pareto_k
-        return dict(zip(ATTRIBUTES, (np.int64(self.proposals), np.int64(self.nonfinite),
-                                     float(self.ess), float(k)), strict=True))
-
-    def describe(self) -> str:
-        """One line: ``proposal ESS 0.135, Pareto k̂ 0.42, 0 non-finite of 12000 proposals``."""
-        k = "n/a" if self.pareto_k is None else f"{self.pareto_k:.2f}"
-        return (f"proposal ESS {self.ess:.3f}, Pareto k̂ {k}, {self.nonfinite} non-finite of "
-                f"{self.proposals} proposals")
-
-
-def read_proposal_summary(path: str | os.PathLike) -> ProposalSummary | None:
-    """The proposal attributes of an ensemble file; None when it has none (an HMC file or a
-    file written before they were recorded). Reads a file that is being written too (through
-    :class:`~latticeflow.ensemble.EnsembleReader`)."""
-    with EnsembleReader(path) as reader:
-        if not all(name in reader.attrs for name in ATTRIBUTES):
-            return None
-        proposals, nonfinite, ess, k = (reader.attrs[name] for name in ATTRIBUTES)
-    k = float(k)
-    return ProposalSummary(int(proposals), int(nonfinite), float(ess),
-                           None if math.isnan(k) else k)
 
 
 @dataclass

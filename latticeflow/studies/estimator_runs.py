@@ -23,22 +23,22 @@ from latticeflow.flows import Flow
 from latticeflow.samplers.hmc import HMCSampler
 from latticeflow.statistics import ess, gamma_method
 from latticeflow.studies.estimators import (
-    _ESS,
-    _HMC,
-    _TRAIN,
-    _VARIANCE,
+    STREAM_ESS,
+    STREAM_HMC,
+    STREAM_TRAIN,
+    STREAM_VARIANCE,
     VARIANCE_PROBES,
     ForwardConfig,
     HMCSettings,
     ReverseConfig,
     StudyConfig,
     TheorySetup,
-    _generator,
-    _seed,
     forward_ess,
     gradient_variance,
     log_weights_of_data,
     log_weights_of_samples,
+    stream_generator,
+    stream_seed,
 )
 from latticeflow.theories import Action
 
@@ -93,7 +93,7 @@ class _Runner:
         self.fn = get_estimator(estimator)
         self.optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
         self.grad_clip, self.batch_size, self.data = grad_clip, batch_size, data
-        self.generator = _generator(seed, _TRAIN)
+        self.generator = stream_generator(seed, STREAM_TRAIN)
         self.record = RunRecord(estimator, seed)
         self.step = 0
         self._step_times: list[float] = []
@@ -177,7 +177,7 @@ def reverse_runs(setup: TheorySetup, seed: int, config: ReverseConfig, dtype: to
     initial = setup.build(seed, dtype)
     runners = [_Runner(name, copy.deepcopy(initial), setup.action, seed, config.lr,
                        setup.grad_clip, config.batch_size) for name in config.estimators]
-    z_ess = initial.sample_prior(config.ess_batch, generator=_generator(seed, _ESS))
+    z_ess = initial.sample_prior(config.ess_batch, generator=stream_generator(seed, STREAM_ESS))
     for k in range(config.n_slices + 1):
         for runner in runners:
             runner.train_until(config.budget_s * k / config.n_slices)
@@ -186,7 +186,7 @@ def reverse_runs(setup: TheorySetup, seed: int, config: ReverseConfig, dtype: to
             continue
         batches = None
         if variance_due:
-            generator = _generator(seed, _VARIANCE, k)
+            generator = stream_generator(seed, STREAM_VARIANCE, k)
             batches = [initial.sample_prior(config.batch_size, generator=generator)
                        for _ in range(config.variance_batches)]
             for runner in runners:
@@ -222,9 +222,10 @@ def hmc_data(setup: TheorySetup, n_train: int, n_held_out: int, settings: HMCSet
     ``n_held_out`` from another. ``tau_int_action``: τ_int of S in saved rows, chains as
     replicas (≈ 0.5 when ``save_every`` decorrelates)."""
     started = time.perf_counter()
-    sampler = HMCSampler(setup.action, setup.lattice, settings.config(), _seed(_HMC, 0))
+    sampler = HMCSampler(setup.action, setup.lattice, settings.config(), stream_seed(STREAM_HMC, 0))
     rows = sampler.advance(n_train)
-    held_out = HMCSampler(setup.action, setup.lattice, settings.config(), _seed(_HMC, 1))
+    held_out = HMCSampler(setup.action, setup.lattice, settings.config(),
+                          stream_seed(STREAM_HMC, 1))
     held_rows = held_out.advance(n_held_out)
     chains = [rows["action"][rows["chain"] == c] for c in range(settings.n_chains)]
     with warnings.catch_warnings():
@@ -245,7 +246,7 @@ def forward_runs(setup: TheorySetup, seed: int, data: HMCData, n_train: int,
     runners = [_Runner(name, copy.deepcopy(initial), setup.action, seed, config.lr,
                        setup.grad_clip, config.batch_size, train)
                for name in config.estimators]
-    z_ess = initial.sample_prior(config.ess_batch, generator=_generator(seed, _ESS))
+    z_ess = initial.sample_prior(config.ess_batch, generator=stream_generator(seed, STREAM_ESS))
     measure = _forward_measure(setup.action, z_ess, data.held_out, train_eval)
     for k in range(config.n_slices + 1):
         for runner in runners:

@@ -62,6 +62,7 @@ from torch import Tensor
 from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
 from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
+from latticeflow.flows.samples import log_weight
 from latticeflow.samplers.hmc import HMCConfig
 from latticeflow.theories import Action, load_action_card
 
@@ -71,7 +72,7 @@ FORWARD_ESTIMATORS = ("forward-standard", "forward-fastpath")
 VARIANCE_PROBES = {"standard": "reverse-standard", "path": "reverse-fastpath"}
 #: theory → (action card in ``actions/``, gradient-norm clip of its ``runs/*_L8.toml`` recipe)
 THEORY_CARDS = {"phi4": ("phi4_m2-4_lam8.toml", 10.0), "u1": ("u1_beta2.toml", 100.0)}
-_INIT, _TRAIN, _ESS, _VARIANCE, _HMC = range(5)
+STREAM_INIT, STREAM_TRAIN, STREAM_ESS, STREAM_VARIANCE, STREAM_HMC = range(5)
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -88,7 +89,7 @@ class TheorySetup:
     def build(self, seed: int, dtype: torch.dtype) -> Flow:
         """The initial flow of ``seed`` (leaves torch's global generator untouched)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(seed, _INIT))
+            torch.manual_seed(stream_seed(seed, STREAM_INIT))
             flow = build_flow(self.name, self.lattice, self.architecture, self.action.params())
         return flow.to(dtype=dtype)
 
@@ -178,14 +179,14 @@ QUICK = StudyConfig(
 )
 
 
-def _seed(*key: int) -> int:
+def stream_seed(*key: int) -> int:
     """A 64-bit seed for the stream named by ``key``."""
     return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0])
 
 
-def _generator(*key: int) -> torch.Generator:
+def stream_generator(*key: int) -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed(_seed(*key))
+    generator.manual_seed(stream_seed(*key))
     return generator
 
 
@@ -257,13 +258,13 @@ def gradient_variance(flow: Flow, action: Action, estimator: str, batches: Seque
 def log_weights_of_samples(flow: Flow, action: Action, z: Tensor) -> np.ndarray:
     """log w = −S(x) − log q(x) of x = T(z), in float64."""
     x, log_q = flow(z)
-    return (-action(x) - log_q).double().numpy()
+    return log_weight(action(x), log_q).double().numpy()
 
 
 @torch.no_grad()
 def log_weights_of_data(flow: Flow, action: Action, x: Tensor) -> np.ndarray:
     """log w = −S(x) − log q(x) of given configurations (through the inverse flow)."""
-    return (-action(x) - flow.log_prob(x)).double().numpy()
+    return log_weight(action(x), flow.log_prob(x)).double().numpy()
 
 
 def forward_ess(log_w: np.ndarray) -> float:

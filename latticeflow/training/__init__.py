@@ -11,6 +11,8 @@ Modules
   data-parallel ranks), its random streams, :class:`TrainingResult`, :class:`TrainingDiverged`;
   the conventions of a training run are in its docstring.
 * ``rundir``: :func:`open_trainer`, the run-directory policy (resume, force, init-from).
+* ``lineage``: a recipe's ``init_from`` ancestry (:func:`recipe_lineage`) and training it
+  (:func:`train_ancestors`).
 * ``checkpoint``: the checkpoint format, reading and validating it, :func:`load_checkpoint`
   (:class:`LoadedFlow`, for sampling), the atomic write, and the refusals of a checkpoint that
   does not fit (resuming with another recipe or number of processes, init-from another theory
@@ -35,6 +37,7 @@ from latticeflow.training.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
+from latticeflow.training.lineage import recipe_lineage, train_ancestors
 from latticeflow.training.loss import StepStats, TrainingLoss
 from latticeflow.training.metrics import (
     METRIC_COLUMNS,
@@ -51,4 +54,4 @@ from latticeflow.training.trainer import Trainer, TrainingDiverged, TrainingResu
 __all__ = ["CHECKPOINT_NAME", "LoadedFlow", "METRICS_NAME", "METRIC_COLUMNS", "PLOT_NAME",
            "StepStats", "Trainer", "TrainingDiverged", "TrainingLoss", "TrainingResult",
            "checkpoint_path", "load_checkpoint", "lr_factor", "open_trainer", "plot_metrics",
-           "read_checkpoint", "read_metrics", "tf32_mode"]
+           "read_checkpoint", "read_metrics", "recipe_lineage", "tf32_mode", "train_ancestors"]

@@ -43,6 +43,10 @@ RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval"
                      "training.ess_batch", "training.checkpoint_interval",
                      "training.max_bad_steps", "training.compile")
 _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
+#: The prior of a U(1) checkpoint without a ``prior`` key: written before the key existed, it
+#: trained on uniform links. (A recipe that names no prior gets the constructor's default,
+#: ``"plaquette"``, and its checkpoint stores it.)
+LEGACY_U1_PRIOR = "uniform"
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
@@ -122,19 +126,19 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
     recipe = recipe_from_dict(state["recipe"], source=str(path))
     device = device if isinstance(device, torch.device) else select_device(device or "auto")
     target = tuple(int(n) for n in (lattice if lattice is not None else state["lattice"]))
-    flow = _build(state["theory"], target, state["architecture"], state["action"], path)
+    flow = build_checkpoint_flow(state["theory"], target, state["architecture"], state["action"],
+                                 path)
     flow.to(device=device, dtype=select_dtype(state["dtype"]))
-    _load_weights(flow, state["model"], path)
+    load_weights(flow, state["model"], path)
     return LoadedFlow(flow=flow.eval(), action=action_from_table(state["action"], str(path)),
                       lattice=target, recipe=recipe, step=int(state["step"]), sha256=digest,
                       last_ess=state["ess"])
 
 
-def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
+def build_checkpoint_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
            action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
     if theory == "u1":
-        # U(1) checkpoints written before the ``prior`` key existed trained on uniform links.
-        architecture = {"prior": "uniform", **architecture}
+        architecture = {"prior": LEGACY_U1_PRIOR, **architecture}
     try:
         return build_flow(theory, lattice, architecture, action_params)
     except (ValueError, TypeError) as exc:
@@ -142,7 +146,7 @@ def _build(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
                                f"{lattice}: {exc}") from None
 
 
-def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path) -> None:
     try:
         flow.load_state_dict(model_state)
     except RuntimeError as exc:
@@ -150,7 +154,7 @@ def _load_weights(flow: Flow, model_state: dict[str, torch.Tensor], source: Path
                                f"({str(exc).splitlines()[0]})") from None
 
 
-def _atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
+def atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
     """Write ``state`` to a temporary file, sync it to disk and rename it to ``path``; the
     rename is synced too. A failed write (disk full, ...) leaves ``path`` as it was and raises
     :class:`LatticeflowError`, whose message ends with ``kept`` (what remains, what to do)."""
@@ -182,26 +186,30 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resume_conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Recipe keys that differ and would change the training trajectory."""
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    return [f"{key} ({old_flat.get(key)!r} → {new_flat.get(key)!r})"
-            for key in sorted(set(old_flat) | set(new_flat))
-            if old_flat.get(key) != new_flat.get(key) and key not in RESUMABLE_CHANGES
-            and not key.startswith(_RESUMABLE_SECTIONS)]
+def refuse_other_recipe(state: dict[str, Any], recipe: Recipe, message: str) -> None:
+    """The lineage check: refuse a checkpoint (contents ``state``) trained from another recipe
+    than ``recipe``, i.e. one whose recipe differs in a key that changes the training
+    trajectory (anything beyond :data:`RESUMABLE_CHANGES` and the sampling and analysis
+    sections). Raises :class:`LatticeflowError` with ``message``, whose ``{differences}``
+    becomes the differing keys, ``"key (old → new); ..."``."""
+    old, new = _flatten(state["recipe"]), _flatten(recipe.to_dict())
+    differences = [f"{key} ({old.get(key)!r} → {new.get(key)!r})"
+                   for key in sorted(set(old) | set(new))
+                   if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
+                   and not key.startswith(_RESUMABLE_SECTIONS)]
+    if differences:
+        raise LatticeflowError(message.replace("{differences}", "; ".join(differences)))
 
 
-def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
+def check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
                      path: Path) -> None:
     """Refuse to resume checkpoint ``path`` (contents ``state``) with ``recipe`` and
     ``world_size`` processes when the recipe differs beyond :data:`RESUMABLE_CHANGES` or the
     number of processes differs."""
-    conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-    if conflicts:
-        raise LatticeflowError(
-            f"cannot resume {path}: the recipe differs from the one it was "
-            f"trained with in {'; '.join(conflicts)}. Use --force to start over, or "
-            f"--init-from with a new output directory to start from its weights")
+    refuse_other_recipe(
+        state, recipe, f"cannot resume {path}: the recipe differs from the one it was "
+                       f"trained with in {{differences}}. Use --force to start over, or "
+                       f"--init-from with a new output directory to start from its weights")
     trained_with = int(state.get("world_size", 1))
     if trained_with != world_size:
         raise LatticeflowError(
@@ -212,7 +220,7 @@ def _check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
             f"weights with --init-from")
 
 
-def _check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Refuse the weights of checkpoint ``path`` (contents ``state``) as the start of a run of
     ``recipe`` unless theory and architecture are the same (the lattice may differ)."""
     if state["theory"] != recipe.theory:
@@ -228,4 +236,5 @@ def _check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "LoadedFlow",
-           "RESUMABLE_CHANGES", "checkpoint_path", "load_checkpoint", "read_checkpoint"]
+           "RESUMABLE_CHANGES", "checkpoint_path", "load_checkpoint", "read_checkpoint",
+           "refuse_other_recipe"]

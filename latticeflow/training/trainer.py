@@ -82,12 +82,12 @@ from latticeflow.training.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
-    _atomic_save,
-    _build,
-    _check_init_from,
-    _check_resumable,
-    _load_weights,
+    atomic_save,
+    build_checkpoint_flow,
+    check_init_from,
+    check_resumable,
     checkpoint_path,
+    load_weights,
     read_checkpoint,
 )
 from latticeflow.training.data import load_training_data
@@ -164,7 +164,7 @@ class Trainer:
         self.action = recipe.action()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_derived_seed(recipe.seed, _INIT_STREAM))
-            flow = _build(recipe.theory, recipe.lattice, recipe.architecture_dict(),
+            flow = build_checkpoint_flow(recipe.theory, recipe.lattice, recipe.architecture_dict(),
                           recipe.action_card, recipe.source)
         self.flow = flow.to(device=self.device, dtype=self.dtype)
         if self.config.compile:
@@ -227,8 +227,8 @@ class Trainer:
         """Start from the weights of another run (same theory and architecture; any lattice)."""
         path = checkpoint_path(path)
         state, _ = read_checkpoint(path)
-        _check_init_from(state, self.recipe, path)
-        _load_weights(self.flow, state["model"], path)
+        check_init_from(state, self.recipe, path)
+        load_weights(self.flow, state["model"], path)
         if state["action"] != dict(self.recipe.action_card):
             log.info("initialising from a flow trained for %s", state["action"])
         log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
@@ -237,8 +237,8 @@ class Trainer:
     def resume(self) -> None:
         """Restore the full training state from ``run_dir/checkpoint.pt``."""
         state, _ = read_checkpoint(self.checkpoint_file)
-        _check_resumable(state, self.recipe, self.world_size, self.checkpoint_file)
-        _load_weights(self.flow, state["model"], self.checkpoint_file)
+        check_resumable(state, self.recipe, self.world_size, self.checkpoint_file)
+        load_weights(self.flow, state["model"], self.checkpoint_file)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
@@ -348,7 +348,7 @@ class Trainer:
         if self.distributed is not None:
             rng["train_ranks"] = gather_objects(self.generator.get_state())
         if self.is_main:
-            _atomic_save({
+            atomic_save({
                 "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                 "latticeflow_version": latticeflow.__version__,
                 "torch_version": str(torch.__version__),

@@ -1,7 +1,7 @@
-"""Recipe chains: a recipe that starts from another recipe's trained flow (``init_from``).
+"""Recipe lineage: a recipe that starts from another recipe's trained flow (``init_from``).
 
-A chain such as ``u1_beta6_L8 → u1_beta5_L8 → … → u1_beta2_L8`` is resolved root first. Every
-link must train the same theory with the same ``[flow]`` (the weights move from link to link;
+A lineage such as ``u1_beta6_L8 → u1_beta5_L8 → … → u1_beta2_L8`` is resolved root first. Every
+link must train the same theory with the same ``[flow]`` (the weights move from recipe to recipe;
 the lattice and the action parameters may change), and no recipe may appear twice. Each parent
 trains in its own default run directory (``<recipe dir>/<name>``): a complete link is skipped,
 a partial one resumed, a missing one trained from its own parent's weights.
@@ -15,13 +15,13 @@ from typing import Any
 
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
-from latticeflow.training import CHECKPOINT_NAME, open_trainer, read_checkpoint
-from latticeflow.training.checkpoint import _resume_conflicts
+from latticeflow.training.checkpoint import CHECKPOINT_NAME, read_checkpoint, refuse_other_recipe
+from latticeflow.training.rundir import open_trainer
 
 log = logging.getLogger("latticeflow")
 
 
-def recipe_chain(recipe: Recipe, overrides: dict[str, Any] | None = None) -> list[Recipe]:
+def recipe_lineage(recipe: Recipe, overrides: dict[str, Any] | None = None) -> list[Recipe]:
     """The ancestors of ``recipe`` named by ``init_from``, root first (``recipe`` excluded).
 
     ``overrides`` (e.g. the device) apply to every ancestor. Raises a one-line
@@ -53,10 +53,8 @@ def _complete(run_dir: Path, recipe: Recipe) -> bool:
     if not checkpoint.exists():
         return False
     state, _ = read_checkpoint(checkpoint)
-    conflicts = _resume_conflicts(state["recipe"], recipe.to_dict())
-    if conflicts:
-        raise LatticeflowError(f"{checkpoint} was trained from another recipe than "
-                               f"{recipe.source} (differs in {'; '.join(conflicts)})")
+    refuse_other_recipe(state, recipe, f"{checkpoint} was trained from another recipe than "
+                                       f"{recipe.source} (differs in {{differences}})")
     return state["step"] >= recipe.training.steps
 
 
@@ -66,7 +64,7 @@ def train_ancestors(recipe: Recipe, overrides: dict[str, Any] | None = None) -> 
     ``None`` when the recipe names no ``init_from``.
     """
     parent_dir: Path | None = None
-    for link in recipe_chain(recipe, overrides):
+    for link in recipe_lineage(recipe, overrides):
         run_dir = link.default_run_dir()
         if _complete(run_dir, link):
             log.info("chain: %s is trained (%s)", link.name, run_dir)
@@ -80,4 +78,4 @@ def train_ancestors(recipe: Recipe, overrides: dict[str, Any] | None = None) -> 
     return parent_dir
 
 
-__all__ = ["recipe_chain", "train_ancestors"]
+__all__ = ["recipe_lineage", "train_ancestors"]
