@@ -17,6 +17,7 @@ mode has frequency √2·m_p = 4√2/L, so τ ~ L/8 is a fraction of its period)
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from latticeflow.observables import magnetization, zero_momentum_correlator_per_
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.statistics import gamma_method, jackknife
 from latticeflow.theories.phi4 import Phi4
+
+logger = logging.getLogger(__name__)
 
 #: m_p·L on the line of constant physics.
 TARGET_MPL = 4.0
@@ -128,10 +131,19 @@ def solve_line(points: list[PoleMass], target: float = TARGET_MPL) -> tuple[floa
 
 def find_critical_lambda(L: int, m2: float, guess: float, spacing: float, *, trajectories: int,
                          n_chains: int = 64, seed: int = 0, dtype: str = "float64",
-                         device: str = "cpu") -> CriticalPoint:
-    """Measure m_p at guess − spacing, guess, guess + spacing and solve for λ*."""
-    points = [measure_pole_mass(m2, lam, L, trajectories=trajectories, n_chains=n_chains,
-                                seed=seed + i, dtype=dtype, device=device)
-              for i, lam in enumerate((guess - spacing, guess, guess + spacing))]
-    lam, error = solve_line(points)
+                         device: str = "cpu", max_rounds: int = 3) -> CriticalPoint:
+    """Measure m_p at guess − spacing, guess, guess + spacing and solve for λ*; while λ* falls
+    outside that bracket, measure again around λ* (at most ``max_rounds`` rounds; the solve
+    uses the last round only, where the linear fit is good)."""
+    for round_ in range(max_rounds):
+        lams = (guess - spacing, guess, guess + spacing)
+        points = [measure_pole_mass(m2, lam, L, trajectories=trajectories, n_chains=n_chains,
+                                    seed=seed + 3 * round_ + i, dtype=dtype, device=device)
+                  for i, lam in enumerate(lams)]
+        lam, error = solve_line(points)
+        logger.info("L = %d, round %d: λ* = %.4f ± %.4f from m_p·L = %s", L, round_ + 1, lam,
+                    error, ", ".join(f"{p.mpl:.3f}" for p in points))
+        if abs(lam - guess) <= spacing:
+            break
+        guess = lam
     return CriticalPoint(L, m2, lam, error, points)
