@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""ESS of trained flows on fresh samples, with their training time (own and whole lineage).
+
+For each run directory it draws ``--n`` fresh independent samples x ~ q in batches, and prints
+the normalised ESS (Σw)²/(N Σw²) of w = e^{−S}/q, the sampling seconds, and the training wall
+time recorded in the checkpoint; the lineage time adds the run directories of the recipe's
+``init_from`` ancestors (found next to it, ``<recipe dir>/<name>``). ``--json FILE`` also
+writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import latticeflow as lf
+from latticeflow import script_support as ss
+from latticeflow.errors import LatticeflowError
+from latticeflow.statistics import ess
+from latticeflow.training import CHECKPOINT_NAME, load_checkpoint
+from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint
+
+EXAMPLES = ("python analysis/flow_ess.py runs/phi4_L16 runs/phi4_L32 --n 16384",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ss.script_parser("flow_ess.py", __doc__, EXAMPLES)
+    parser.add_argument("runs", type=Path, nargs="+", help="run directories (or checkpoints)")
+    parser.add_argument("--n", type=int, default=16384, help="fresh samples (default: 16384)")
+    parser.add_argument("--batch", type=int, default=1024, help="batch size (default: 1024)")
+    parser.add_argument("--seed", type=int, default=12345, help="sampling seed")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    return parser
+
+
+def training_seconds(run: Path) -> tuple[float, float]:
+    """(own, lineage) training wall seconds of a run directory."""
+    state, _ = read_checkpoint(checkpoint_path(run))
+    own = float(state["wall_time"])
+    total, recipe = own, load_checkpoint(run, device="cpu").recipe
+    while (parent_path := recipe.parent_recipe_path()) is not None:
+        parent = lf.load_recipe(parent_path)
+        checkpoint = parent.default_run_dir() / CHECKPOINT_NAME
+        if not checkpoint.is_file():
+            raise LatticeflowError(f"{run}: lineage link {checkpoint} is missing")
+        total += float(read_checkpoint(checkpoint)[0]["wall_time"])
+        recipe = parent
+    return own, total
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 2 or args.batch < 1:
+        raise LatticeflowError("--n must be >= 2 and --batch >= 1")
+    if args.json and args.json.exists():
+        raise LatticeflowError(f"{args.json} exists; remove it first")
+    rows = []
+    for path in args.runs:
+        flow = lf.load_flow(path)
+        generator = torch.Generator().manual_seed(args.seed)
+        log_w, started = [], time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, args.n, args.batch):
+                x, log_q = flow.flow.sample(min(args.batch, args.n - start), generator=generator)
+                log_w.append((-flow.action(x).double() - log_q.double()).cpu().numpy())
+        seconds = time.perf_counter() - started
+        own, lineage = training_seconds(path)
+        row = {"run": str(path), "lattice": list(flow.lattice), "step": flow.step,
+               "n": args.n, "ess": ess(np.concatenate(log_w)), "sampling_s": seconds,
+               "training_s": own, "lineage_training_s": lineage}
+        rows.append(row)
+        print(f"{path}: ESS {row['ess']:.4f} on {args.n} fresh samples ({seconds:.0f} s), "
+              f"step {flow.step}, training {own / 60:.1f} min (lineage {lineage / 60:.1f} min)",
+              flush=True)
+    if args.json:
+        ss.write_json(args.json, rows)
+    return ss.EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return ss.run_script(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
