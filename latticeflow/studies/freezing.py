@@ -12,9 +12,11 @@ topological charge Q on every row and reports, per sampler:
 * the cost per independent Q² sample, wall seconds × 2τ_int / N.
 
 A frozen chain has almost no information on its own autocorrelation: when the Γ-method finds no
-window (or N < 50 τ_int) the τ_int it returns is an underestimate, and the row is flagged
-``reliable = false``; its cost per independent sample is then a lower bound. When Q² never
-changes in any chain τ_int is unknown; it is reported as N (the chain length), a lower bound.
+window, or N or any chain is shorter than 50 τ_int, the τ_int it returns is an underestimate,
+and the row is flagged ``reliable = false``; its cost per independent sample is then a lower
+bound. When Q² never changes in any chain τ_int is unknown; it is reported as the chain length,
+a lower bound. The sampling loop and these estimates are those of
+:mod:`latticeflow.studies.sampler_race`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from latticeflow import exact
 from latticeflow.config import Recipe, load_recipe
@@ -38,7 +38,13 @@ from latticeflow.errors import LatticeflowError
 from latticeflow.observables import topological_charge
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
-from latticeflow.statistics import ShortChainWarning, gamma_method
+from latticeflow.studies.sampler_race import (
+    HMCBlocks,
+    NMCMCBlocks,
+    cost_per_independent,
+    estimate,
+    run_for,
+)
 from latticeflow.training import CHECKPOINT_NAME, load_checkpoint
 
 log = logging.getLogger("latticeflow")
@@ -122,25 +128,16 @@ def _check_trained(recipe: Recipe, path: Path) -> Path:
     return checkpoint
 
 
-def _run_for(budget_s: float, advance: Callable[[], np.ndarray], recipe: Recipe, label: str
-             ) -> tuple[np.ndarray, float]:
-    """Call ``advance`` (a block of configurations ``(rows, chains, *field)``) until
-    ``budget_s`` seconds are spent in it; returns the charges ``(rows, chains)`` and the seconds.
-    The charges are computed outside the timed region: only sampling counts as cost."""
+def _charges(recipe: Recipe) -> Callable[[np.ndarray], np.ndarray]:
+    """Block ``(rows, chains, *field)`` → rounded charges ``(rows, chains)``."""
     shape = recipe.action().field_shape(recipe.lattice)
-    blocks, spent = [], 0.0
-    with tqdm(total=budget_s, desc=label, leave=False, bar_format="{desc}: {percentage:3.0f}%"
-              "|{bar}| {elapsed} of sampling", disable=not log.isEnabledFor(logging.INFO)) as bar:
-        while spent < budget_s or not blocks:
-            started = time.perf_counter()
-            configs = advance()
-            step = time.perf_counter() - started
-            spent += step
-            rows, chains = configs.shape[:2]
-            links = torch.from_numpy(configs.reshape(rows * chains, *shape))
-            blocks.append(np.rint(topological_charge(links).numpy()).reshape(rows, chains))
-            bar.update(min(step, max(budget_s - bar.n, 0)))
-    return np.concatenate(blocks), spent
+
+    def charges(configs: np.ndarray) -> np.ndarray:
+        rows, chains = configs.shape[:2]
+        links = torch.from_numpy(configs.reshape(rows * chains, *shape))
+        return np.rint(topological_charge(links).numpy()).reshape(rows, chains)
+
+    return charges
 
 
 def draw_hmc(recipe: Recipe, settings: FreezingSettings) -> tuple[np.ndarray, float, float, float]:
@@ -151,14 +148,9 @@ def draw_hmc(recipe: Recipe, settings: FreezingSettings) -> tuple[np.ndarray, fl
     started = time.perf_counter()
     sampler.thermalise()
     setup = time.perf_counter() - started
-    chains, sweeps = settings.hmc_chains, 8
-
-    def advance() -> np.ndarray:
-        rows = sampler.advance(sweeps * chains)   # round-robin: row i is chain i % chains
-        return np.asarray(rows["configs"], dtype=np.float64).reshape(sweeps, chains, -1)
-
-    charges, spent = _run_for(settings.budget_s, advance, recipe, f"HMC β={_b(recipe)}")
-    return charges, spent, setup, sampler.acceptance_rate
+    blocks = HMCBlocks(sampler)
+    charges, spent = run_for(settings.budget_s, blocks, _charges(recipe), f"HMC β={_b(recipe)}")
+    return charges, spent, setup, blocks.acceptance
 
 
 def draw_nmcmc(recipe: Recipe, settings: FreezingSettings, device: torch.device
@@ -173,16 +165,9 @@ def draw_nmcmc(recipe: Recipe, settings: FreezingSettings, device: torch.device
     sampler = FlowMetropolis(loaded.flow, loaded.action, seed=settings.seed,
                              batch_size=settings.nmcmc_batch)
     setup = time.perf_counter() - started
-    accepted = []
-
-    def advance() -> np.ndarray:
-        rows = sampler.advance(settings.nmcmc_batch)
-        # row 0 is the chain's starting state, not a Metropolis decision
-        accepted.append(rows["accepted"] if accepted else rows["accepted"][1:])
-        return np.asarray(rows["configs"], dtype=np.float64)[:, None]
-
-    charges, spent = _run_for(settings.budget_s, advance, recipe, f"NMCMC β={_b(recipe)}")
-    return charges, spent, setup, float(np.concatenate(accepted).mean())
+    blocks = NMCMCBlocks(sampler, settings.nmcmc_batch)
+    charges, spent = run_for(settings.budget_s, blocks, _charges(recipe), f"NMCMC β={_b(recipe)}")
+    return charges, spent, setup, blocks.acceptance
 
 
 def _b(recipe: Recipe) -> str:
@@ -194,19 +179,12 @@ def measure(sampler: str, beta: float, lattice: tuple[int, int], charges: np.nda
     """χ_t, τ_int(Q²) and the cost per independent sample from a Q history (module docstring)."""
     volume = lattice[0] * lattice[1]
     rows, chains = charges.shape
-    q2 = [charges[:, c] ** 2 / volume for c in range(chains)]
     n = rows * chains
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ShortChainWarning)
-        g = gamma_method(q2 if chains > 1 else q2[0])
-    reliable = not any(issubclass(w.category, ShortChainWarning) for w in caught)
-    tau, tau_error = g.tau_int, g.tau_int_error
-    if g.error == 0.0:   # Q² never changed: no autocorrelation information
-        tau, tau_error, reliable = float(rows), float("nan"), False
-    cost = wall_s * 2 * tau / n
-    return SamplerResult(sampler, beta, n, chains, wall_s, setup_s, acceptance, g.value,
-                         g.error, exact.u1_topological_susceptibility(beta, lattice), tau,
-                         tau_error, cost, reliable)
+    q2 = estimate(charges**2 / volume)
+    cost = cost_per_independent(wall_s, q2.tau_int, n)
+    return SamplerResult(sampler, beta, n, chains, wall_s, setup_s, acceptance, q2.value,
+                         q2.error, exact.u1_topological_susceptibility(beta, lattice),
+                         q2.tau_int, q2.tau_int_error, cost, q2.reliable)
 
 
 def run_freezing_study(recipes: Sequence[Path], settings: FreezingSettings,
