@@ -25,15 +25,20 @@ Top level:
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
 ``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
 empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
-``flows.conditioner.ACTIVATIONS``; ``n_mixture`` int >= 1 and ``loop_length`` int in 1..4
+``flows.conditioner.ACTIVATIONS``; ``transform`` (the couplings' elementwise map; its choices
+depend on the theory, see below) with ``n_bins`` int >= 2 (8, the spline's bins).
+U(1) only (rejected for φ⁴): ``transform``: ``"ncp"`` (default: mixtures of tan-transforms,
+``flows/ncp.py``) or ``"spline"`` (circular rational-quadratic splines, ``flows/spline.py``);
+``n_mixture`` int >= 1 (6, NCP only) and ``loop_length`` int in 1..4
 (the conditioner also sees the 1×k loops, k = 2..loop_length, through the updated links;
 1 means plaquettes only; default 2) and ``prior``: ``"plaquette"`` (default: independent von
 Mises plaquettes at the card's β, see ``flows/plaquette_prior.py``) or ``"uniform"`` (uniform
-links), all U(1) only and rejected for φ⁴. φ⁴ only: ``base``: ``"normal"`` (default) or
-``"fourier"`` (a learnable translation-invariant Gaussian before the couplings, see
-``flows/fourier.py``), ``fourier_terms`` int >= 1 (its precision polynomial's terms, 3),
-``transform``: ``"affine"`` (default) or ``"spline"`` (rational-quadratic spline couplings,
-``flows/spline_coupling.py``) with ``n_bins`` int >= 2 (8) and ``spline_bound`` float > 0 (3.0).
+links). φ⁴ only (rejected for U(1)): ``transform``: ``"affine"`` (default) or ``"spline"``
+(rational-quadratic spline couplings, ``flows/spline_coupling.py``) with ``spline_bound`` float
+> 0 (3.0); ``base``: ``"normal"`` (default) or ``"fourier"`` (a learnable translation-invariant
+Gaussian before the couplings, see ``flows/fourier.py``), ``fourier_terms`` int >= 1 (its
+precision polynomial's terms, 3). A map's own size key (``n_mixture``, ``n_bins``,
+``spline_bound``) is accepted, and unused, with the other map.
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -85,6 +90,7 @@ from latticeflow.flows.conditioner import ACTIVATIONS
 from latticeflow.flows.realnvp import BASES as PHI4_BASES
 from latticeflow.flows.realnvp import TRANSFORMS as PHI4_TRANSFORMS
 from latticeflow.flows.u1_equivariant import PRIORS as U1_PRIORS
+from latticeflow.flows.u1_equivariant import TRANSFORMS as U1_TRANSFORMS
 from latticeflow.theories import Action, action_from_table, load_action_card
 from latticeflow.toml_fields import Table, read_toml
 
@@ -92,6 +98,10 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 DTYPE_NAMES = ("float32", "float64")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+#: ``[flow]`` keys of one theory's flow only, and each theory's choices of ``transform``.
+_THEORY_FLOW_KEYS = {"u1": ("n_mixture", "loop_length", "prior"),
+                     "phi4": ("base", "fourier_terms", "spline_bound")}
+_TRANSFORMS = {"u1": U1_TRANSFORMS, "phi4": PHI4_TRANSFORMS}
 
 
 @dataclass(frozen=True)
@@ -302,12 +312,10 @@ def _lattice(top: Table, theory: str) -> tuple[int, ...]:
 
 def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[str, Any]:
     defaults = DEFAULT_ARCHITECTURE[theory]
-    for key in ("n_mixture", "loop_length", "prior"):
-        if theory != "u1" and table.has(key):
-            raise table.error(key, "only applies to the u1 flow")
-    for key in ("base", "fourier_terms", "transform", "n_bins", "spline_bound"):
-        if theory != "phi4" and table.has(key):
-            raise table.error(key, "only applies to the phi4 flow")
+    for owner, keys in _THEORY_FLOW_KEYS.items():
+        for key in keys:
+            if theory != owner and table.has(key):
+                raise table.error(key, f"only applies to the {owner} flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
                                                          low=1)}
     hidden = table.get("hidden", list, defaults["hidden"])
@@ -322,6 +330,8 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
                                          f"{min(lattice)}")
     arch["kernel_size"] = kernel
     arch["activation"] = table.choice("activation", tuple(ACTIVATIONS), defaults["activation"])
+    arch["transform"] = table.choice("transform", _TRANSFORMS[theory], defaults["transform"])
+    arch["n_bins"] = table.integer("n_bins", defaults["n_bins"], low=2)
     if theory == "u1":
         arch["n_mixture"] = table.integer("n_mixture", defaults["n_mixture"], low=1)
         arch["loop_length"] = table.integer("loop_length", defaults["loop_length"], low=1,
@@ -330,8 +340,6 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
     else:
         arch["base"] = table.choice("base", PHI4_BASES, defaults["base"])
         arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
-        arch["transform"] = table.choice("transform", PHI4_TRANSFORMS, defaults["transform"])
-        arch["n_bins"] = table.integer("n_bins", defaults["n_bins"], low=2)
         arch["spline_bound"] = table.number("spline_bound", defaults["spline_bound"],
                                           low=0.0, low_open=True)
     table.finish()

@@ -57,6 +57,13 @@ def test_flow_overrides_merge_with_defaults(recipe_dir: Path) -> None:
                                           "n_mixture": 3, "loop_length": 1}
 
 
+def test_u1_spline_transform(recipe_dir: Path) -> None:
+    recipe = load_recipe(write(recipe_dir, U1 + '[flow]\ntransform = "spline"\nn_bins = 6\n'))
+    assert recipe.architecture_dict() == {**DEFAULT_ARCHITECTURE["u1"], "transform": "spline",
+                                          "n_bins": 6}
+    assert DEFAULT_ARCHITECTURE["u1"]["transform"] == "ncp"
+
+
 def test_round_trip_through_dict(recipe_dir: Path) -> None:
     text = (U1 + 'name = "x"\nseed = 3\ndtype = "float64"\n[flow]\nhidden = [4, 4]\n'
             '[training]\nestimator = "forward-fastpath"\ndata = "../data.h5"\n'
@@ -112,6 +119,10 @@ ERRORS = [
     (PHI4 + "[flow]\nn_mixture = 4\n", "flow.n_mixture", "u1"),
     (PHI4 + "[flow]\nloop_length = 2\n", "flow.loop_length", "u1"),
     (U1 + "[flow]\nloop_length = 5\n", "flow.loop_length", "4"),
+    (U1 + '[flow]\ntransform = "affine"\n', "flow.transform", "ncp, spline"),
+    (PHI4 + '[flow]\ntransform = "ncp"\n', "flow.transform", "affine, spline"),
+    (U1 + "[flow]\nn_bins = 1\n", "flow.n_bins", "2"),
+    (U1 + "[flow]\nspline_bound = 2.0\n", "flow.spline_bound", "phi4"),
     (PHI4 + "[flow]\nkernel_size = 4\n", "flow.kernel_size", "odd"),
     (PHI4 + "[flow]\nhidden = [8, -1]\n", "flow.hidden", "positive"),
     (PHI4 + '[flow]\nactivation = "swish"\n', "flow.activation", "one of"),

@@ -9,11 +9,11 @@ from latticeflow.flows.ncp import NCPParams, ncp, ncp_inverse
 from latticeflow.flows.rootfind import default_tolerance
 from latticeflow.lattice import gauge_transform
 
-THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "u1"]
+THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "u1", "u1-spline"]
 
 
 def _difference(theory, a, b):
-    return wrap_difference(a, b) if theory == "u1" else a - b
+    return wrap_difference(a, b) if theory_of(theory) == "u1" else a - b
 
 
 @pytest.mark.parametrize("theory", THEORIES)
@@ -43,8 +43,9 @@ def test_log_det_matches_brute_force_jacobian(theory):
                                                                              abs=1e-9)
 
 
-def test_u1_gauge_equivariance():
-    flow = random_flow("u1", (8, 8))
+@pytest.mark.parametrize("theory", ["u1", "u1-spline"])
+def test_u1_gauge_equivariance(theory):
+    flow = random_flow(theory, (8, 8))
     z = flow.sample_prior(4)
     alpha = 2 * math.pi * torch.rand(4, 8, 8)
     x, log_q = flow(z)
@@ -56,7 +57,8 @@ def test_u1_gauge_equivariance():
 
 
 @pytest.mark.parametrize(("theory", "period", "lattice_axes"), [("phi4", 2, (1, 2)),
-                                                                ("u1", 4, (2, 3))])
+                                                                ("u1", 4, (2, 3)),
+                                                                ("u1-spline", 4, (2, 3))])
 def test_translation_equivariance_by_mask_period(theory, period, lattice_axes):
     flow = random_flow(theory, (8, 8))
     z = flow.sample_prior(3)

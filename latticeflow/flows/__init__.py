@@ -1,4 +1,5 @@
-"""Normalizing flows: priors, the masked coupling with its score recursion, RealNVP, U(1) NCP."""
+"""Normalizing flows: priors, the masked coupling with its score recursion, RealNVP, U(1)
+plaquette couplings (NCP or circular splines)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ DEFAULT_ARCHITECTURE: dict[str, dict[str, Any]] = {
 
 def build_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any] | None = None,
                action_params: Mapping[str, Any] | None = None) -> Flow:
-    """The flow for ``theory`` ("phi4" → RealNVP, "u1" → gauge-equivariant NCP) on ``lattice``.
+    """The flow for ``theory`` ("phi4" → RealNVP, "u1" → gauge-equivariant
+    plaquette couplings) on ``lattice``.
 
     ``action_params`` (the action card's parameters) feed base densities built from the target:
     the U(1) ``"plaquette"`` prior takes its concentration from ``beta``. Weights never depend on

@@ -14,21 +14,29 @@ with r = y − y_i, the quadratic a ξ² + b ξ + c = 0, a = h(s − δ_i) + rΔ
 whose root in [0, 1] is ξ = 2c / (−b − √(b² − 4ac)) (the form without cancellation).
 
 :func:`real_line_spline` uses it on [−B, B] with identity tails outside (δ₀ = δ_K = 1), the
-map of the φ⁴ spline coupling. Parameters carry the bin axis at position 1 (the channel axis of a
+map of the φ⁴ spline coupling. :func:`circular_spline` uses it on [0, 2π) with δ_K = δ₀, a map of
+the circle with a continuous derivative (Rezende et al. 2020), followed by a rotation; the map of
+the U(1) spline coupling. Parameters carry the bin axis at position 1 (the channel axis of a
 conditioner's output); ``x`` has the shape of the parameters without that axis.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from latticeflow.lattice import mod_2pi
+
 #: Smallest bin width and height, as fractions of the interval, and smallest knot slope.
 MIN_BIN = 1e-3
 MIN_SLOPE = 1e-3
+#: softplus(SLOPE_OFFSET) + MIN_SLOPE = 1: a raw slope of zero plus this offset is a unit slope.
+SLOPE_OFFSET = math.log(math.expm1(1 - MIN_SLOPE))
+TWO_PI = 2 * math.pi
 
 
 @dataclass
@@ -135,3 +143,39 @@ def real_line_spline_inverse(y: Tensor, knots: Knots, bound: float) -> tuple[Ten
     inside = y.abs() < bound
     x, log_deriv = spline_inverse(y.clamp(-bound, bound), knots)
     return torch.where(inside, x, y), torch.where(inside, log_deriv, 0.0)
+
+
+def circular_knots(raw_widths: Tensor, raw_heights: Tensor, raw_slopes: Tensor) -> Knots:
+    """Knots of K bins on [0, 2π] from unconstrained conditioner outputs, each ``(batch, K, ...)``:
+    widths and heights through a softmax, the K slopes δ₀ … δ_{K−1} through a softplus, and
+    δ_K = δ₀, so that the spline's derivative is continuous where 2π joins 0 on the circle.
+
+    Raw outputs all zero (with ``raw_slopes`` offset by :data:`SLOPE_OFFSET`) give the identity.
+    """
+    slope = MIN_SLOPE + F.softplus(raw_slopes)
+    return Knots(_cumulative(_fractions(raw_widths), 0.0, TWO_PI),
+                 _cumulative(_fractions(raw_heights), 0.0, TWO_PI),
+                 torch.cat([slope, slope[:, :1]], dim=1))
+
+
+def circular_spline(u: Tensor, knots: Knots, shift: Tensor | None = None,
+                    need_dlog: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The circle map h(u) = S(u mod 2π) + t (mod 2π), S the spline of :func:`circular_knots` and
+    t = ``shift`` (``(batch, ...)``, a rotation; ``None``: no rotation); ``u`` any angles of the
+    shape of ``shift``. Returns (h(u) ∈ [0, 2π), log h'(u), (log h')(u)' or ``None`` unless
+    ``need_dlog``); h' = S' does not depend on the rotation.
+
+    Both wraps keep values in [0, 2π) in float32 too (:func:`~latticeflow.lattice.mod_2pi`), and
+    their derivative is 1, so the map is differentiable in ``u``, the knots and the shift.
+    """
+    y, log_deriv, dlog = spline(mod_2pi(u), knots, need_dlog)
+    return mod_2pi(y if shift is None else y + shift), log_deriv, dlog
+
+
+def circular_spline_inverse(v: Tensor, knots: Knots, shift: Tensor | None = None
+                            ) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`circular_spline`: (u ∈ [0, 2π) with h(u) ≡ v (mod 2π), log h'(u)),
+    for any angles ``v``; analytic (one quadratic per bin), so differentiable without a root
+    finder."""
+    u, log_deriv = spline_inverse(mod_2pi(v if shift is None else v - shift), knots)
+    return mod_2pi(u), log_deriv

@@ -13,23 +13,18 @@ A fresh coupling is the identity (zero last layer, slopes offset to 1).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from latticeflow.flows.conditioner import conv_net
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.spline import (
-    MIN_SLOPE,
+    SLOPE_OFFSET,
     Knots,
     real_line_knots,
     real_line_spline,
     real_line_spline_inverse,
 )
-
-#: softplus(SLOPE_OFFSET) + MIN_SLOPE = 1: a zero conditioner output gives unit knot slopes.
-SLOPE_OFFSET = math.log(math.expm1(1 - MIN_SLOPE))
 
 
 class SplineCoupling(MaskedCoupling):

@@ -31,7 +31,7 @@ from latticeflow.config import Recipe, recipe_from_dict
 from latticeflow.device import select_device, select_dtype
 from latticeflow.ensemble import sync_folder
 from latticeflow.errors import LatticeflowError
-from latticeflow.flows import Flow, build_flow
+from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
 from latticeflow.theories import Action, action_from_table
 
 CHECKPOINT_FORMAT = "latticeflow-checkpoint"
@@ -43,10 +43,12 @@ RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval"
                      "training.ess_batch", "training.checkpoint_interval",
                      "training.max_bad_steps", "training.compile")
 _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
-#: The prior of a U(1) checkpoint without a ``prior`` key: written before the key existed, it
-#: trained on uniform links. (A recipe that names no prior gets the constructor's default,
-#: ``"plaquette"``, and its checkpoint stores it.)
-LEGACY_U1_PRIOR = "uniform"
+#: ``[flow]`` values of U(1) checkpoints written before the key existed: the flow they trained.
+#: Without a ``prior`` key it trained on uniform links (a recipe that names no prior gets the
+#: constructor's default, ``"plaquette"``, and its checkpoint stores it); without ``transform``
+#: it had NCP maps, which do not read ``n_bins`` (the default stands in for it).
+LEGACY_U1_ARCHITECTURE = {"prior": "uniform", "transform": "ncp",
+                          "n_bins": DEFAULT_ARCHITECTURE["u1"]["n_bins"]}
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
@@ -137,8 +139,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
 
 def build_checkpoint_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
            action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
-    if theory == "u1":
-        architecture = {"prior": LEGACY_U1_PRIOR, **architecture}
+    architecture = _with_legacy_keys(theory, architecture)
     try:
         return build_flow(theory, lattice, architecture, action_params)
     except (ValueError, TypeError) as exc:
@@ -176,6 +177,11 @@ def atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _with_legacy_keys(theory: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's architecture (or recipe ``[flow]``) with the keys it predates filled in."""
+    return {**LEGACY_U1_ARCHITECTURE, **architecture} if theory == "u1" else dict(architecture)
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -192,7 +198,9 @@ def refuse_other_recipe(state: dict[str, Any], recipe: Recipe, message: str) -> 
     trajectory (anything beyond :data:`RESUMABLE_CHANGES` and the sampling and analysis
     sections). Raises :class:`LatticeflowError` with ``message``, whose ``{differences}``
     becomes the differing keys, ``"key (old → new); ..."``."""
-    old, new = _flatten(state["recipe"]), _flatten(recipe.to_dict())
+    old_recipe = {**state["recipe"], "flow": _with_legacy_keys(
+        state["theory"], state["recipe"].get("flow", {}))}
+    old, new = _flatten(old_recipe), _flatten(recipe.to_dict())
     differences = [f"{key} ({old.get(key)!r} → {new.get(key)!r})"
                    for key in sorted(set(old) | set(new))
                    if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES
@@ -227,10 +235,10 @@ def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
         raise LatticeflowError(f"--init-from {path}: the checkpoint is a {state['theory']} "
                                f"flow, the recipe trains a {recipe.theory} flow")
     ours = recipe.architecture_dict()
-    if state["architecture"] != ours:
-        diff = ", ".join(f"{k}: {state['architecture'].get(k)!r} vs {ours.get(k)!r}"
-                         for k in sorted(set(ours) | set(state["architecture"]))
-                         if state["architecture"].get(k) != ours.get(k))
+    theirs = _with_legacy_keys(state["theory"], state["architecture"])
+    if theirs != ours:
+        diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
+                         for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k))
         raise LatticeflowError(f"--init-from {path}: architecture differs from the "
                                f"recipe's [flow] ({diff})")
 
