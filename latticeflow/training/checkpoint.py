@@ -49,6 +49,9 @@ _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
 #: it had NCP maps, which do not read ``n_bins`` (the default stands in for it).
 LEGACY_U1_ARCHITECTURE = {"prior": "uniform", "transform": "ncp",
                           "n_bins": DEFAULT_ARCHITECTURE["u1"]["n_bins"]}
+#: φ⁴ checkpoints written before the Fourier base and spline couplings: RealNVP on a normal base.
+LEGACY_PHI4_ARCHITECTURE = {key: DEFAULT_ARCHITECTURE["phi4"][key] for key in
+                            ("base", "fourier_terms", "transform", "n_bins", "spline_bound")}
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
@@ -179,7 +182,8 @@ def atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
 
 def _with_legacy_keys(theory: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's architecture (or recipe ``[flow]``) with the keys it predates filled in."""
-    return {**LEGACY_U1_ARCHITECTURE, **architecture} if theory == "u1" else dict(architecture)
+    legacy = LEGACY_U1_ARCHITECTURE if theory == "u1" else LEGACY_PHI4_ARCHITECTURE
+    return {**legacy, **architecture}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
