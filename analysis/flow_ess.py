@@ -22,7 +22,7 @@ import latticeflow as lf
 from latticeflow import script_support as ss
 from latticeflow.errors import LatticeflowError
 from latticeflow.statistics import ess
-from latticeflow.training import CHECKPOINT_NAME, load_checkpoint
+from latticeflow.training import CHECKPOINT_NAME
 from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint
 
 EXAMPLES = ("python analysis/flow_ess.py runs/phi4_L16 runs/phi4_L32 --n 16384",)
@@ -40,16 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_seconds(run: Path) -> tuple[float, float]:
     """(own, lineage) training wall seconds of a run directory."""
-    state, _ = read_checkpoint(checkpoint_path(run))
-    own = float(state["wall_time"])
-    total, recipe = own, load_checkpoint(run, device="cpu").recipe
-    while (parent_path := recipe.parent_recipe_path()) is not None:
-        parent = lf.load_recipe(parent_path)
+    checkpoint = checkpoint_path(run)
+    state, _ = read_checkpoint(checkpoint)
+    own = total = float(state["wall_time"])
+    recipe_dir = checkpoint.parent.parent   # a run directory is <recipe dir>/<name>
+    init_from = state["recipe"].get("init_from")
+    while init_from is not None:
+        parent = lf.load_recipe(recipe_dir / init_from)
         checkpoint = parent.default_run_dir() / CHECKPOINT_NAME
         if not checkpoint.is_file():
             raise LatticeflowError(f"{run}: lineage link {checkpoint} is missing")
         total += float(read_checkpoint(checkpoint)[0]["wall_time"])
-        recipe = parent
+        recipe_dir, init_from = checkpoint.parent.parent, parent.init_from
     return own, total
 
 
