@@ -23,9 +23,9 @@ Top level:
              the action parameters may differ.
 
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
-``n_couplings`` int >= 1; ``hidden`` list of ints >= 1 (channels of the hidden convolutions; may be
-empty); ``kernel_size`` odd int >= 1, at most the smallest lattice extent; ``activation`` one of
-``flows.conditioner.ACTIVATIONS``; ``transform`` (the couplings' elementwise map; its choices
+``n_couplings`` int >= 1 (0 for the φ⁴ Fourier base alone); ``hidden`` list of ints >= 1
+(channels of the hidden convolutions; may be empty); ``kernel_size`` odd int >= 1, at most the
+smallest lattice extent; ``activation`` one of ``flows.conditioner.ACTIVATIONS``; ``transform`` (the couplings' elementwise map; its choices
 depend on the theory, see below) with ``n_bins`` int >= 2 (8, the spline's bins).
 U(1) only (rejected for φ⁴): ``transform``: ``"ncp"`` (default: mixtures of tan-transforms,
 ``flows/ncp.py``) or ``"spline"`` (circular rational-quadratic splines, ``flows/spline.py``);
@@ -317,7 +317,7 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
             if theory != owner and table.has(key):
                 raise table.error(key, f"only applies to the {owner} flow")
     arch: dict[str, Any] = {"n_couplings": table.integer("n_couplings", defaults["n_couplings"],
-                                                         low=1)}
+                                                         low=0)}
     hidden = table.get("hidden", list, defaults["hidden"])
     if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise table.error("hidden", f"must be a list of positive integers, got {hidden}")
@@ -342,6 +342,9 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
         arch["spline_bound"] = table.number("spline_bound", defaults["spline_bound"],
                                           low=0.0, low_open=True)
+    if arch["n_couplings"] == 0 and arch.get("base") != "fourier":
+        raise table.error("n_couplings", "0 (a base without couplings) needs the trainable "
+                                         'phi4 base = "fourier"')
     table.finish()
     return arch
 

@@ -13,7 +13,7 @@ import torch
 
 from latticeflow.estimators import get_estimator
 from latticeflow.exact import free_log_z, free_two_point
-from latticeflow.flows import Flow
+from latticeflow.flows import Flow, build_flow
 from latticeflow.flows.fourier import FourierGaussian
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.theories import Phi4
@@ -155,3 +155,20 @@ def test_rejects_bad_arguments():
         FourierGaussian((4, 4), n_terms=0)
     with pytest.raises(ValueError, match="m2 > 0"):
         FourierGaussian.free_field((4, 4), 0.0)
+
+
+def test_recipe_of_the_base_alone(tmp_path):
+    # n_couplings = 0 is the Fourier base alone (its ablation row); without a trainable base the
+    # flow would have nothing to train, and the recipe is refused.
+    from latticeflow.config import load_recipe
+    from latticeflow.errors import ConfigError
+
+    card = 'action = {theory = "phi4", m2 = -4.0, lam = 8.0}\nlattice = [8, 8]\n'
+    path = tmp_path / "base.toml"
+    path.write_text(card + '[flow]\nn_couplings = 0\nbase = "fourier"\n')
+    recipe = load_recipe(path)
+    flow = build_flow("phi4", recipe.lattice, recipe.architecture_dict())
+    assert [type(layer) for layer in flow.couplings] == [FourierGaussian]
+    path.write_text(card + "[flow]\nn_couplings = 0\n")
+    with pytest.raises(ConfigError, match="n_couplings"):
+        load_recipe(path)
