@@ -26,7 +26,8 @@ Top level:
 ``n_couplings`` int >= 1 (0 for the φ⁴ Fourier base alone); ``hidden`` list of ints >= 1
 (channels of the hidden convolutions; may be empty); ``kernel_size`` odd int >= 1, at most the
 smallest lattice extent; ``activation`` one of ``flows.conditioner.ACTIVATIONS``;
-``transform`` (the couplings' elementwise map; its choices depend on the theory, see below) with ``n_bins`` int >= 2 (8, the spline's bins).
+``transform`` (the couplings' elementwise map; its choices depend on the theory, see below)
+with ``n_bins`` int >= 2 (8, the spline's bins).
 U(1) only (rejected for φ⁴): ``transform``: ``"ncp"`` (default: mixtures of tan-transforms,
 ``flows/ncp.py``) or ``"spline"`` (circular rational-quadratic splines, ``flows/spline.py``);
 ``n_mixture`` int >= 1 (6, NCP only) and ``loop_length`` int in 1..4
