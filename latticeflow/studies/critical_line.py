@@ -6,7 +6,8 @@ lattice, C(t) ∝ cosh(m_p(t − L/2)), so the effective mass m_eff(t) = arccosh
 / 2C(t)] equals m_p at every t; it is averaged over the window t = max(1, L/8) … max(2, L/4),
 where excited states have decayed (m_p·t ≥ ½ on the line) and the signal is still clean.
 Errors: jackknife over blocks of trajectories (the chains are averaged per trajectory first;
-blocks are checked to be ≥ 5 τ_int of m² long).
+blocks are at least 5 τ_int(m²) long, with at least 4 blocks: a run shorter than 20 τ_int has a
+rough error, and the Γ-method then warns).
 
 λ* is found by running HMC at three λ around a guess, fitting m_p·L linearly in λ by weighted
 least squares and solving fit(λ*) = 4; the error of λ* comes from the fit's covariance.
@@ -61,8 +62,11 @@ def mass_window(L: int) -> range:
     return range(max(1, L // 8), max(2, L // 4) + 1)
 
 
-def pole_mass_from_series(series: np.ndarray, L: int, n_blocks: int = 20) -> tuple[float, float]:
-    """(m_p, error) from per-trajectory rows [m, C_full(0), …, C_full(L−1)] (``(T, L + 1)``)."""
+def pole_mass_from_series(series: np.ndarray, L: int, tau_int: float = 0.5,
+                          max_blocks: int = 20) -> tuple[float, float]:
+    """(m_p, error) from per-trajectory rows [m, C_full(0), …, C_full(L−1)] (``(T, L + 1)``):
+    jackknife over blocks at least 5 τ_int long (``tau_int`` in trajectories), at most
+    ``max_blocks`` and at least 4 of them."""
     window = np.array(list(mass_window(L)))
 
     def m_p(means: np.ndarray) -> float:
@@ -70,6 +74,7 @@ def pole_mass_from_series(series: np.ndarray, L: int, n_blocks: int = 20) -> tup
         arg = (c[window - 1] + c[window + 1]) / (2 * c[window])
         return float(np.mean(np.arccosh(np.maximum(arg, 1.0))))
 
+    n_blocks = int(np.clip(len(series) // max(1.0, 5 * tau_int), 4, max_blocks))
     estimate = jackknife(m_p, series, n_blocks)
     return float(estimate.value), float(estimate.error)
 
@@ -95,8 +100,8 @@ def measure_pole_mass(m2: float, lam: float, L: int, *, trajectories: int, n_cha
                                    .mean(0), (m * m).mean()[None]]).double().cpu().numpy())
     seconds = time.perf_counter() - start
     series = np.array(rows)
-    value, error = pole_mass_from_series(series[:, :-1], L)
     tau = gamma_method(series[:, -1]).tau_int
+    value, error = pole_mass_from_series(series[:, :-1], L, tau)
     return PoleMass(m2, lam, L, value, error, float(tau), sampler.acceptance_rate, trajectories,
                     n_chains, seconds)
 
