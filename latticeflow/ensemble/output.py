@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from latticeflow.ensemble.layout import EnsembleMetadata
 from latticeflow.ensemble.reader import EnsembleReader
-from latticeflow.ensemble.schema import EnsembleMetadata
 from latticeflow.ensemble.writer import EnsembleWriter
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import refuse_if_in_use

@@ -19,22 +19,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-import latticeflow
+from latticeflow.ensemble.layout import ROW_DTYPES, SHARDS_ATTR, EnsembleMetadata, root_attributes
 from latticeflow.ensemble.reader import EnsembleReader
-from latticeflow.ensemble.schema import (
-    FORMAT,
-    FORMAT_VERSION,
-    ROW_DTYPES,
-    SHARDS_ATTR,
-    EnsembleMetadata,
-)
 from latticeflow.ensemble.storage import file_error
 from latticeflow.errors import LatticeflowError
 
@@ -78,19 +70,12 @@ def join_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], *,
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update({
-                "format": FORMAT, "format_version": np.int64(FORMAT_VERSION),
-                "theory": first.theory,
-                "action_params": json.dumps(first.action_params, sort_keys=True),
-                "lattice": np.asarray(first.lattice, dtype=np.int64), "sampler": first.sampler,
-                "seed": np.int64(seed), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "latticeflow_version": latticeflow.__version__,
-                "checkpoint_sha256": first.checkpoint_sha256,
-                "sampler_params": json.dumps(dict(sampler_params), sort_keys=True),
-                "n_complete": np.int64(total),
-                SHARDS_ATTR: json.dumps([{"file": name, "rows": meta.n_complete}
-                                         for name, meta in zip(names, metas, strict=True)]),
-            })
+            f.attrs.update(root_attributes(
+                theory=first.theory, action_params=first.action_params, lattice=first.lattice,
+                sampler=first.sampler, seed=seed, checkpoint_sha256=first.checkpoint_sha256,
+                sampler_params=sampler_params, n_complete=total))
+            f.attrs[SHARDS_ATTR] = json.dumps([{"file": name, "rows": meta.n_complete}
+                                               for name, meta in zip(names, metas, strict=True)])
             for dataset in first.datasets:
                 configs = dataset == "configs"
                 shape = first.field_shape if configs else ()

@@ -1,61 +1,39 @@
-"""The append-only writer of one ensemble file (:class:`EnsembleWriter`): creating a file,
-resuming one, its queries and its public methods. How a chunk is committed:
-:mod:`latticeflow.ensemble.chunks`; the format: :mod:`latticeflow.ensemble.schema`; file
-ownership: "Locking" in :mod:`latticeflow.ensemble.storage`.
+"""Where an :class:`EnsembleWriter` comes from: a new file (:meth:`EnsembleWriter.create`, built
+under a temporary name and published) or one to continue (:meth:`EnsembleWriter.resume`, with
+the uncommitted rows a killed writer left dropped, and its file recovered where needed). What an
+open writer does: :mod:`latticeflow.ensemble.commit`; the format:
+:mod:`latticeflow.ensemble.layout`; file ownership: "Locking" in
+:mod:`latticeflow.ensemble.storage`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-import latticeflow
-from latticeflow.ensemble.chunks import (
-    RESERVE_MARGIN,
-    ChunkWriter,
-    bytes_touched,
-    close_without_writing,
-    read_state_entry,
-    write_state_entry,
-)
-from latticeflow.ensemble.schema import (
-    FORMAT,
-    FORMAT_VERSION,
-    RESUME_GROUP,
-    RESUME_SLOTS,
-    ROW_DTYPES,
+from latticeflow.ensemble.commit import DurableWriter, close_without_writing
+from latticeflow.ensemble.layout import (
     SAMPLERS,
-    SCALAR_CHUNK_ROWS,
     SHARDS_ATTR,
-    EnsembleMetadata,
-    config_chunk_length,
+    create_layout,
     numpy_dtype,
     read_metadata,
-    row_datasets,
+    root_attributes,
 )
-from latticeflow.ensemble.storage import (
-    WRITING,
-    extend_allocation,
-    file_error,
-    file_key,
-    io_reason,
-    open_h5,
-    publish,
-)
+from latticeflow.ensemble.recovery import DAMAGE, committed_copy, extend_allocation
+from latticeflow.ensemble.resume import check_slots
+from latticeflow.ensemble.storage import WRITING, file_error, file_key, io_reason, open_h5, publish
 from latticeflow.errors import LatticeflowError
 from latticeflow.locking import FileLock, own_file
 
 
-class EnsembleWriter(ChunkWriter):
-    """Append-only writer of one ensemble file; see :mod:`latticeflow.ensemble.chunks` for the
+class EnsembleWriter(DurableWriter):
+    """Append-only writer of one ensemble file; see :mod:`latticeflow.ensemble.commit` for the
     protocol.
 
     Use :meth:`create` for a new file and :meth:`resume` to continue one; close it (or use it
@@ -153,38 +131,14 @@ class EnsembleWriter(ChunkWriter):
         f = None
         try:
             lock.acquire_owner()
-            # "none": freed file space is never reused (crash safety, see ensemble.chunks).
+            # "none": freed file space is never reused (crash safety, see ensemble.commit).
             f = h5py.File(tmp, "w", libver=("earliest", "v110"), fs_strategy="none")
-            attrs = f.attrs
-            attrs["format"] = FORMAT
-            attrs["format_version"] = np.int64(FORMAT_VERSION)
-            attrs["theory"] = theory
-            attrs["action_params"] = json.dumps(dict(action_card), sort_keys=True)
-            attrs["lattice"] = np.asarray(lattice, dtype=np.int64)
-            attrs["sampler"] = sampler
-            attrs["seed"] = np.int64(seed)
-            attrs["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-            attrs["latticeflow_version"] = latticeflow.__version__
-            attrs["checkpoint_sha256"] = checkpoint_sha256
-            attrs["sampler_params"] = json.dumps(dict(sampler_params), sort_keys=True)
-            attrs["n_complete"] = np.int64(0)
-            row_bytes = config_dtype.itemsize * math.prod(field_shape)
-            rows_per_chunk = config_chunk_length(chunk_rows, row_bytes, compression)
-            f.create_dataset(
-                "configs", shape=(0, *field_shape), maxshape=(None, *field_shape),
-                dtype=config_dtype, chunks=(rows_per_chunk, *field_shape),
-                compression=compression, compression_opts=4 if compression == "gzip" else None,
-                shuffle=compression is not None,
-            )
-            for name in row_datasets(sampler, chains)[1:]:
-                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=ROW_DTYPES[name],
-                                 chunks=(SCALAR_CHUNK_ROWS,))
-            # Every group the resume state needs exists before the file is published: a link added
-            # later would be written before the superblock's end-of-allocation that covers its
-            # target (see "Crash safety" in ensemble.chunks).
-            resume = f.create_group(RESUME_GROUP)
-            for slot in RESUME_SLOTS:
-                resume.create_group(slot).attrs["n_rows"] = np.int64(-1)
+            f.attrs.update(root_attributes(
+                theory=theory, action_params=action_card, lattice=lattice, sampler=sampler,
+                seed=seed, checkpoint_sha256=checkpoint_sha256, sampler_params=sampler_params,
+                n_complete=0))
+            create_layout(f, field_shape=field_shape, config_dtype=config_dtype, sampler=sampler,
+                          chains=chains, chunk_rows=chunk_rows, compression=compression)
             if fill is not None:
                 fill(f)
             f.flush()
@@ -206,7 +160,7 @@ class EnsembleWriter(ChunkWriter):
         """Reopen an existing ensemble for appending; rows beyond ``n_complete`` are dropped.
 
         A file that a kill left with objects HDF5 cannot read outside its committed state (see
-        "Crash safety" in :mod:`latticeflow.ensemble.chunks`) gets its superblock's end of
+        "Crash safety" in :mod:`latticeflow.ensemble.commit`) gets its superblock's end of
         allocation raised to the end of the file, or else is replaced by a copy of its committed
         state.
 
@@ -229,12 +183,12 @@ class EnsembleWriter(ChunkWriter):
                                               "command with --resume), which joins them again")
                         writer = cls(f, path, lock)
                         try:
-                            writer._check_resume_group()
+                            check_slots(f)
                             writer._drop_uncommitted()
                             return writer
-                        except _DAMAGE:
+                        except DAMAGE:
                             # A killed flush left an object that cannot be read ("Crash safety"
-                            # in ensemble.chunks): write nothing more through this handle; retry
+                            # in ensemble.commit): write nothing more through this handle; retry
                             # with the end of allocation raised to the end of the file, then
                             # fall back to a new file with the committed state.
                             WRITING.discard(writer._key)
@@ -265,29 +219,8 @@ class EnsembleWriter(ChunkWriter):
         src = open_h5(path, "r", locking=False)
         try:
             metadata = read_metadata(src, path)
-            n = metadata.n_complete
-            slot = None
-            if n > 0:
-                resume = src[RESUME_GROUP]
-                slot = next((s for s in RESUME_SLOTS if s in resume
-                             and int(resume[s].attrs.get("n_rows", -1)) == n), None)
-                if slot is None:
-                    raise file_error(path, f"corrupt ensemble: no resume state for the {n} "
-                                      f"complete rows")
+            fill = committed_copy(src, path, metadata)
             configs = src["configs"]
-
-            def fill(f: h5py.File) -> None:
-                for name, value in src.attrs.items():
-                    f.attrs[name] = value
-                for name in metadata.datasets:
-                    _copy_rows(src[name], f[name], n)
-                if slot is not None:
-                    old = src[RESUME_GROUP][slot]
-                    state = {name: read_state_entry(old[name]) for name in old}
-                    for target, n_rows in ((s, -1) for s in RESUME_SLOTS if s != slot):
-                        _write_slot_entries(f[RESUME_GROUP][target], state, n_rows)
-                    _write_slot_entries(f[RESUME_GROUP][slot], state, n)
-
             return cls._build(
                 Path(path), True, theory=metadata.theory, action_card=metadata.action_params,
                 lattice=metadata.lattice, field_shape=metadata.field_shape,
@@ -296,116 +229,8 @@ class EnsembleWriter(ChunkWriter):
                 checkpoint_sha256=metadata.checkpoint_sha256,
                 config_dtype=metadata.config_dtype, chains="chain" in metadata.datasets,
                 chunk_rows=configs.chunks[0], compression=configs.compression, fill=fill)
-        except _DAMAGE as exc:
+        except DAMAGE as exc:
             raise file_error(path, f"corrupt ensemble: cannot read its committed state: "
                               f"{exc}") from None
         finally:
             src.close()
-
-    def _drop_uncommitted(self) -> None:
-        """Cut rows a killed writer left beyond ``n_complete``; check the resume state."""
-        for name in self._names:
-            if self._file[name].shape[0] != self._n_complete:
-                self._file[name].resize(self._n_complete, axis=0)
-        if self._n_complete > 0 and self._valid_slot() is None:
-            raise file_error(self._path, f"corrupt ensemble: no resume state for the "
-                                    f"{self._n_complete} complete rows")
-        self._flush()
-
-    # ---------------------------------------------------------------------------- queries
-    @property
-    def path(self) -> str:
-        return str(self._path)
-
-    @property
-    def n_complete(self) -> int:
-        """Number of committed rows."""
-        return self._n_complete
-
-    @property
-    def metadata(self) -> EnsembleMetadata:
-        """The file's header as it was when opened (``n_complete`` there is not updated)."""
-        return self._metadata
-
-    @property
-    def datasets(self) -> tuple[str, ...]:
-        """Names of the row datasets every :meth:`append` must provide."""
-        return self._names
-
-    def resume_state(self) -> dict[str, np.ndarray] | None:
-        """The sampler state stored with the last committed chunk (None before the first)."""
-        slot = self._valid_slot()
-        if slot is None:
-            return None
-        group = self._file[RESUME_GROUP][slot]
-        return {name: read_state_entry(group[name]) for name in group}
-
-    # ---------------------------------------------------------------------------- writing
-    def append(self, rows: Mapping[str, np.ndarray], resume_state: Mapping[str, np.ndarray]
-               ) -> None:
-        """Commit a chunk of rows together with the sampler state after its last row.
-
-        ``rows`` maps every name of :attr:`datasets` to an array with the same leading length
-        k (``configs``: ``(k, *field_shape)``); ``resume_state`` maps names to numpy arrays.
-
-        Durable: the chunk is on the storage device when this returns. Raises
-        :class:`DiskSpaceError` (nothing written; the writer stays usable) when the chunk would
-        not fit, and :class:`EnsembleWriteError` (the writer is closed) when a write fails.
-        """
-        k = self._check_rows(rows)
-        state = {name: np.asarray(value) for name, value in resume_state.items()}
-        size = (sum(bytes_touched(self._file[name], self._n_complete, k) for name in self._names)
-                + 2 * sum(v.nbytes for v in state.values()) + RESERVE_MARGIN)
-        what = f"rows {self._n_complete}..{self._n_complete + k - 1}"
-        with self._changing(what, size):
-            self._write_rows(rows, k)
-            self._write_resume_state(state, self._n_complete + k)
-            self._flush()
-            self._commit(self._n_complete + k)
-
-    # ---------------------------------------------------------------------------- closing
-    def close(self) -> None:
-        """Flush and close the file and give up its ownership (idempotent)."""
-        try:
-            if self._file.id.valid:
-                self._file.close()
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        WRITING.discard(self._key)
-        self._lock.close()
-
-    def __enter__(self) -> EnsembleWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def set_attributes(self, **attrs: Any) -> None:
-        """Write extra root attributes (numbers or strings; a scalar is rewritten in place
-        when it already exists with the same type) and flush. For run diagnostics such as the
-        proposal summary of neural MCMC; the schema's own attributes are not to be set here."""
-        with self._changing("the run's attributes", RESERVE_MARGIN):
-            for name, value in attrs.items():
-                self._file.attrs.modify(name, value)
-
-
-#: What h5py raises for an object it cannot read (e.g. beyond the end of allocation).
-_DAMAGE = (OSError, KeyError, RuntimeError, ValueError)
-
-
-def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
-    """Rows ``[0, n)`` of ``src`` into ``dst`` (resized to n), 16 MiB at a time."""
-    dst.resize(n, axis=0)
-    row = max(1, src.dtype.itemsize * math.prod(src.shape[1:]))
-    step = max(1, (16 << 20) // row)
-    for start in range(0, n, step):
-        dst[start:start + step] = src[start:min(n, start + step)]
-
-
-def _write_slot_entries(group: h5py.Group, state: Mapping[str, np.ndarray], n_rows: int
-                        ) -> None:
-    for name, value in state.items():
-        write_state_entry(group, name, value)
-    group.attrs.modify("n_rows", np.int64(n_rows))

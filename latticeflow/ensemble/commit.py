@@ -1,6 +1,8 @@
-"""How :class:`~latticeflow.ensemble.EnsembleWriter` commits a chunk: free-space check and
-reservation, rows, resume state, flush and commit, and abandoning the file when a write fails
-(:class:`ChunkWriter`, the writer's base class), plus the resume-state entries of a slot.
+"""Durable commits: what an open :class:`~latticeflow.ensemble.EnsembleWriter` does
+(:class:`DurableWriter`, its base class): append a chunk of rows with the sampler state after
+them so that the chunk is on disk when the call returns, write the run's attributes, abandon the
+file when a write fails, close it. Where a writer comes from (a new file, a resumed one):
+:mod:`latticeflow.ensemble.writer`.
 
 Crash safety (SIGKILL at any point)
 -----------------------------------
@@ -50,7 +52,7 @@ kill in between leaves a link that cannot be followed. Where the resume state is
 * :meth:`EnsembleWriter.resume` first reads all of ``/resume`` and drops the rows beyond
   ``n_complete``. Should HDF5 fail there, it abandons the handle (nothing more is written
   through it) and (a) raises the EOA in the superblock to the size of the file
-  (:func:`~latticeflow.ensemble.storage._extend_allocation`: one 48-byte write, only for a
+  (:func:`~latticeflow.ensemble.recovery.extend_allocation`: one 48-byte write, only for a
   version 2/3 superblock whose checksum verifies; the file then holds everything the killed
   flush wrote, and the space up to the end of the file is merely never reused) and tries again;
   should that fail too (the kill came before some object was written), (b) it builds a new file
@@ -75,17 +77,15 @@ import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Self
 
 import h5py
 import numpy as np
 
-from latticeflow.ensemble.schema import (
-    LENGTH_ATTR,
-    RESUME_GROUP,
-    RESUME_SLOTS,
-    STATE_CHUNK_BYTES,
-)
+from latticeflow.ensemble.layout import RESUME_GROUP, RESUME_SLOTS, EnsembleMetadata
+from latticeflow.ensemble.resume import other_slot, read_slot, valid_slot, write_slot
 from latticeflow.ensemble.storage import (
+    WRITING,
     DiskSpaceError,
     EnsembleWriteError,
     file_error,
@@ -96,13 +96,6 @@ from latticeflow.locking import FileLock
 RESERVE_MARGIN = 64 << 10       # bytes reserved for a chunk's metadata
 
 
-def read_state_entry(dataset: h5py.Dataset) -> np.ndarray:
-    """A resume-state value: the first ``length`` rows, or the whole (older or scalar) dataset."""
-    if LENGTH_ATTR in dataset.attrs:
-        return np.asarray(dataset[:int(dataset.attrs[LENGTH_ATTR])])
-    return np.asarray(dataset[()])
-
-
 def bytes_touched(dataset: h5py.Dataset, start: int, k: int) -> int:
     """An upper bound on the file space that writing rows ``[start, start + k)`` of a row
     dataset takes: every HDF5 chunk they begin, in full, plus its index entry (a chunk that
@@ -111,42 +104,6 @@ def bytes_touched(dataset: h5py.Dataset, start: int, k: int) -> int:
     chunks = max(0, (start + k - 1) // per_chunk - -(-start // per_chunk) + 1)
     row = dataset.dtype.itemsize * math.prod(dataset.shape[1:])
     return chunks * (per_chunk * row + 64)
-
-
-def write_state_entry(group: h5py.Group, name: str, value: np.ndarray) -> h5py.Dataset:
-    """Store ``value`` as entry ``name`` of a resume slot, in place where possible (see
-    "Resume state" in :mod:`latticeflow.ensemble.schema`); returns the dataset."""
-    if name in group and not _fits(group[name], value):
-        del group[name]  # a changed dtype or trailing shape (or an older file's layout): rare
-    if value.ndim == 0:
-        if name in group:
-            group[name][()] = value
-        else:
-            group.create_dataset(name, data=value)
-        return group[name]
-    if name not in group:
-        row_bytes = max(1, value.dtype.itemsize * math.prod(value.shape[1:]))
-        rows = max(1, min(len(value), STATE_CHUNK_BYTES // row_bytes))
-        group.create_dataset(name, shape=value.shape, maxshape=(None, *value.shape[1:]),
-                             dtype=value.dtype, chunks=(rows, *value.shape[1:]))
-        group[name].attrs[LENGTH_ATTR] = np.int64(0)
-    dataset = group[name]
-    if dataset.shape[0] < len(value):
-        dataset.resize(len(value), axis=0)
-    if len(value):
-        dataset[:len(value)] = value
-    dataset.attrs.modify(LENGTH_ATTR, np.int64(len(value)))
-    return dataset
-
-
-def _fits(dataset: h5py.Dataset, value: np.ndarray) -> bool:
-    """Whether ``dataset`` can hold ``value`` in place."""
-    if dataset.dtype != value.dtype:
-        return False
-    if value.ndim == 0:
-        return dataset.shape == ()
-    return (LENGTH_ATTR in dataset.attrs and dataset.maxshape[0] is None
-            and dataset.shape[1:] == value.shape[1:])
 
 
 def close_without_writing(file: h5py.File) -> None:
@@ -164,26 +121,98 @@ def close_without_writing(file: h5py.File) -> None:
             pass
 
 
-class ChunkWriter:
-    """The commit protocol of :class:`~latticeflow.ensemble.EnsembleWriter` (see "Crash
-    safety" above); the writer sets the attributes and defines :meth:`_release`."""
+class DurableWriter:
+    """The open writer: queries, :meth:`append`, :meth:`set_attributes` and :meth:`close`, and
+    the commit protocol behind them (see "Crash safety" above). :class:`EnsembleWriter
+    <latticeflow.ensemble.EnsembleWriter>` opens the file and sets the attributes below."""
 
     _file: h5py.File
     _path: str | os.PathLike
     _lock: FileLock
+    _key: tuple[int, int]
+    _metadata: EnsembleMetadata
     _n_complete: int
     _names: tuple[str, ...]
     _handles: list[h5py.Dataset]
 
-    def _valid_slot(self) -> str | None:
-        if self._n_complete == 0:
-            return None
-        group = self._file[RESUME_GROUP]
-        for slot in RESUME_SLOTS:
-            if slot in group and int(group[slot].attrs.get("n_rows", -1)) == self._n_complete:
-                return slot
-        return None
+    # ---------------------------------------------------------------------------- queries
+    @property
+    def path(self) -> str:
+        return str(self._path)
 
+    @property
+    def n_complete(self) -> int:
+        """Number of committed rows."""
+        return self._n_complete
+
+    @property
+    def metadata(self) -> EnsembleMetadata:
+        """The file's header as it was when opened (``n_complete`` there is not updated)."""
+        return self._metadata
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """Names of the row datasets every :meth:`append` must provide."""
+        return self._names
+
+    def resume_state(self) -> dict[str, np.ndarray] | None:
+        """The sampler state stored with the last committed chunk (None before the first)."""
+        slot = self._valid_slot()
+        if slot is None:
+            return None
+        return read_slot(self._file[RESUME_GROUP][slot])
+
+    # ---------------------------------------------------------------------------- writing
+    def append(self, rows: Mapping[str, np.ndarray], resume_state: Mapping[str, np.ndarray]
+               ) -> None:
+        """Commit a chunk of rows together with the sampler state after its last row.
+
+        ``rows`` maps every name of :attr:`datasets` to an array with the same leading length
+        k (``configs``: ``(k, *field_shape)``); ``resume_state`` maps names to numpy arrays.
+
+        Durable: the chunk is on the storage device when this returns. Raises
+        :class:`DiskSpaceError` (nothing written; the writer stays usable) when the chunk would
+        not fit, and :class:`EnsembleWriteError` (the writer is closed) when a write fails.
+        """
+        k = self._check_rows(rows)
+        state = {name: np.asarray(value) for name, value in resume_state.items()}
+        size = (sum(bytes_touched(self._file[name], self._n_complete, k) for name in self._names)
+                + 2 * sum(v.nbytes for v in state.values()) + RESERVE_MARGIN)
+        what = f"rows {self._n_complete}..{self._n_complete + k - 1}"
+        with self._changing(what, size):
+            self._write_rows(rows, k)
+            self._write_resume_state(state, self._n_complete + k)
+            self._flush()
+            self._commit(self._n_complete + k)
+
+    def set_attributes(self, **attrs: Any) -> None:
+        """Write extra root attributes (numbers or strings; a scalar is rewritten in place
+        when it already exists with the same type) and flush. For run diagnostics such as the
+        proposal summary of neural MCMC; the schema's own attributes are not to be set here."""
+        with self._changing("the run's attributes", RESERVE_MARGIN):
+            for name, value in attrs.items():
+                self._file.attrs.modify(name, value)
+
+    # ---------------------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Flush and close the file and give up its ownership (idempotent)."""
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        WRITING.discard(self._key)
+        self._lock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------- commit protocol
     @contextmanager
     def _changing(self, what: str, size: int) -> Iterator[None]:
         """The frame of every change to the file: ``size`` bytes are checked and reserved
@@ -274,46 +303,29 @@ class ChunkWriter:
             if k:
                 dataset[start:start + k] = np.asarray(rows[name], dtype=dataset.dtype)
 
-    def _write_resume_state(self, state: Mapping[str, np.ndarray], n_rows: int) -> None:
-        """Write ``state`` into the slot that is not the valid one; mark it valid for n_rows.
+    def _drop_uncommitted(self) -> None:
+        """Cut rows a killed writer left beyond ``n_complete`` (when a file is resumed);
+        check that the committed rows have their resume state."""
+        for name in self._names:
+            if self._file[name].shape[0] != self._n_complete:
+                self._file[name].resize(self._n_complete, axis=0)
+        if self._n_complete > 0 and self._valid_slot() is None:
+            raise file_error(self._path, f"corrupt ensemble: no resume state for the "
+                                    f"{self._n_complete} complete rows")
+        self._flush()
 
-        In place: an entry's dataset is reused while its dtype and trailing shape stay (its
-        capacity grows when a longer value comes), so a slot's size is bounded by its largest
-        state. An entry missing from ``state`` gets length 0, keeping its space for later."""
+    def _valid_slot(self) -> str | None:
+        return valid_slot(self._file, self._n_complete)
+
+    def _write_resume_state(self, state: Mapping[str, np.ndarray], n_rows: int) -> None:
+        """Write ``state`` into the slot that is not the valid one; mark it valid for n_rows
+        (see "Resume state" in :mod:`latticeflow.ensemble.resume`)."""
         valid = self._valid_slot()
-        target = RESUME_SLOTS[1] if valid == RESUME_SLOTS[0] else RESUME_SLOTS[0]
         if valid is None:
             # No committed state yet (the first chunk): give the other slot the same entries
             # now, so that later chunks only overwrite existing objects (see "Crash safety").
-            self._write_slot(RESUME_SLOTS[1], state, -1)
-        self._write_slot(target, state, n_rows)
-
-    def _write_slot(self, slot: str, state: Mapping[str, np.ndarray], n_rows: int) -> None:
-        """Write ``state`` into ``slot`` (marked ``n_rows = -1`` meanwhile), then its n_rows."""
-        group = self._file[RESUME_GROUP].require_group(slot)  # older files: created lazily
-        group.attrs.modify("n_rows", np.int64(-1))
-        for name in group:
-            if name not in state and LENGTH_ATTR in group[name].attrs:
-                group[name].attrs.modify(LENGTH_ATTR, np.int64(0))
-        for name, value in state.items():
-            self._handles.append(write_state_entry(group, name, value))
-        group.attrs.modify("n_rows", np.int64(n_rows))
-
-    def _check_resume_group(self) -> None:
-        """Read every object of ``/resume`` in full (both slots, every entry to its whole
-        extent), as the resume and the next chunks will touch them: an object that a killed
-        flush left unreachable raises here (OSError, KeyError, RuntimeError, ValueError), before
-        anything is changed, instead of in the middle of the next chunk."""
-        root = self._file[RESUME_GROUP]
-        for slot in RESUME_SLOTS:
-            if slot not in root:
-                continue
-            group = root[slot]
-            dict(group.attrs)
-            for name in group:
-                dataset = group[name]
-                dict(dataset.attrs)
-                dataset[()]
+            write_slot(self._file, RESUME_SLOTS[1], state, -1, self._handles)
+        write_slot(self._file, other_slot(valid), state, n_rows, self._handles)
 
     def _commit(self, n_complete: int) -> None:
         self._file.attrs.modify("n_complete", np.int64(n_complete))

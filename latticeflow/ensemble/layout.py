@@ -1,6 +1,6 @@
-"""The ensemble format (schema v1 of DESIGN §6): names, storage types, the decoded header
-(:class:`EnsembleMetadata`), an ensemble in memory (:class:`Ensemble`) and the validation of a
-file's header.
+"""The layout of an ensemble file (schema v1 of DESIGN §6): names, storage types, the root
+attributes and empty datasets of a new file, the decoded header (:class:`EnsembleMetadata`), an
+ensemble in memory (:class:`Ensemble`) and the validation of a file's header.
 
 Layout
 ------
@@ -15,7 +15,7 @@ file left by a killed writer; :meth:`EnsembleWriter.resume` truncates them):
 
 * ``/configs``    ``(N, *field_shape)`` float32 or float64, gzip-compressed (+ shuffle) with
   one row per HDF5 chunk (or lzf, or uncompressed with multi-row chunks; see "Crash safety" in
-  :mod:`latticeflow.ensemble.chunks`);
+  :mod:`latticeflow.ensemble.commit`);
 * ``/action``     ``(N,)`` float64, S of the stored configuration;
 * ``/accepted``   ``(N,)`` bool;
 * ``/log_q``, ``/log_weight``  ``(N,)`` float64, nmcmc only (log_weight = −S − log q);
@@ -25,23 +25,18 @@ file left by a killed writer; :meth:`EnsembleWriter.resume` truncates them):
   order; the rows of one chain, ``data[chain == c]``, are in Markov-chain order. (The HMC
   sampler writes chains round-robin: row i belongs to chain ``i % n_chains``.)
 
-Resume state: ``/resume/slot0`` and ``/resume/slot1`` are groups of datasets (the sampler's
-``state_dict()``: RNG state, current configurations, unused proposals, ...), each with an
-attribute ``n_rows``: the number of rows the state corresponds to. The *valid* state is the slot
-whose ``n_rows == n_complete`` (none while ``n_complete == 0``). An array entry is stored in an
-uncompressed, chunked dataset resizable along axis 0 whose attribute ``length`` says how many
-of its leading rows hold the value; its extent (the capacity) only grows, so a value of varying
-length (the unused proposals) is rewritten in place and a slot never needs more space than its
-longest value: the file grows with its rows, not with the number of appends. A scalar entry is
-a scalar dataset. (Files written before ``length`` existed store each entry as a plain dataset
-of exactly its value; they are read as such and converted on their next append.)
+Resume state: the groups ``/resume/slot0`` and ``/resume/slot1``, created with the file; what
+they hold and which one is valid: :mod:`latticeflow.ensemble.resume`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 
+import latticeflow
 from latticeflow.ensemble.storage import file_error
 from latticeflow.errors import LatticeflowError
 
@@ -73,9 +69,6 @@ _REQUIRED_ATTRS = ("theory", "action_params", "lattice", "sampler", "seed", "cre
                    "latticeflow_version", "checkpoint_sha256", "sampler_params", "n_complete")
 _CONFIG_CHUNK_BYTES = 4 << 20   # at most 4 MiB of uncompressed configurations per HDF5 chunk
 SCALAR_CHUNK_ROWS = 4096      # per-row scalars: uncompressed, long chunks (few index nodes)
-# Resume-state arrays: at most 64 KiB per HDF5 chunk, so that an entry's capacity exceeds its
-# longest value by less than that (both slots are sized by the first chunk's state).
-STATE_CHUNK_BYTES = 64 << 10
 LENGTH_ATTR = "length"
 
 
@@ -130,7 +123,7 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 
 def config_chunk_length(chunk_rows: int, row_bytes: int, compression: str | None) -> int:
     """Rows per HDF5 chunk of ``/configs``: 1 when compressed (a compressed chunk must never be
-    rewritten, see :mod:`latticeflow.ensemble.chunks`), else the largest divisor of
+    rewritten, see :mod:`latticeflow.ensemble.commit`), else the largest divisor of
     ``chunk_rows`` whose chunk stays within ``_CONFIG_CHUNK_BYTES``."""
     if compression is not None:
         return 1
@@ -138,6 +131,44 @@ def config_chunk_length(chunk_rows: int, row_bytes: int, compression: str | None
     if chunk_rows <= limit:
         return chunk_rows
     return max(n for n in range(1, limit + 1) if chunk_rows % n == 0)
+
+
+def root_attributes(*, theory: str, action_params: Mapping[str, Any], lattice: Sequence[int],
+                    sampler: str, seed: int, checkpoint_sha256: str,
+                    sampler_params: Mapping[str, Any], n_complete: int) -> dict[str, Any]:
+    """The root attributes of a new file, in the order they are written (``created``: now, UTC;
+    ``latticeflow_version``: this one)."""
+    return {
+        "format": FORMAT, "format_version": np.int64(FORMAT_VERSION), "theory": theory,
+        "action_params": json.dumps(dict(action_params), sort_keys=True),
+        "lattice": np.asarray(lattice, dtype=np.int64), "sampler": sampler,
+        "seed": np.int64(seed), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "latticeflow_version": latticeflow.__version__, "checkpoint_sha256": checkpoint_sha256,
+        "sampler_params": json.dumps(dict(sampler_params), sort_keys=True),
+        "n_complete": np.int64(n_complete),
+    }
+
+
+def create_layout(f: h5py.File, *, field_shape: tuple[int, ...], config_dtype: np.dtype,
+                  sampler: str, chains: bool, chunk_rows: int, compression: str | None) -> None:
+    """The empty row datasets and the (empty) resume slots of a new file."""
+    row_bytes = config_dtype.itemsize * math.prod(field_shape)
+    rows_per_chunk = config_chunk_length(chunk_rows, row_bytes, compression)
+    f.create_dataset(
+        "configs", shape=(0, *field_shape), maxshape=(None, *field_shape),
+        dtype=config_dtype, chunks=(rows_per_chunk, *field_shape),
+        compression=compression, compression_opts=4 if compression == "gzip" else None,
+        shuffle=compression is not None,
+    )
+    for name in row_datasets(sampler, chains)[1:]:
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=ROW_DTYPES[name],
+                         chunks=(SCALAR_CHUNK_ROWS,))
+    # Every group the resume state needs exists before the file is published: a link added
+    # later would be written before the superblock's end-of-allocation that covers its target
+    # (see "Crash safety" in ensemble.commit).
+    resume = f.create_group(RESUME_GROUP)
+    for slot in RESUME_SLOTS:
+        resume.create_group(slot).attrs["n_rows"] = np.int64(-1)
 
 
 def read_metadata(f: h5py.File, path: str | os.PathLike) -> EnsembleMetadata:
