@@ -1,0 +1,38 @@
+"""analysis/phi4_ablation.py: a tiny equal-budget run, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "ablation_script", Path(__file__).parents[1] / "analysis" / "phi4_ablation.py")
+ablation_script = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ablation_script)
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_tiny_run_writes_rows_with_equal_budgets(tmp_path: Path):
+    out = tmp_path / "out"
+    args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "4", "--seconds", "0.5",
+            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "--out", str(out), "-q"]
+    assert ablation_script.main(args) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["Fourier base alone", "spline, Fourier base",
+                                          "spline, Fourier base"]
+    assert [r["estimator"] for r in rows][1:] == ["reverse-fastpath", "reverse-standard"]
+    assert rows[0]["parameters"] == 3        # the precision polynomial's coefficients
+    for r in rows:
+        assert r["steps"] >= 1 and 0.5 <= r["train_s"] < 5 and 0 < r["ess"] <= 1
+    assert "| spline, Fourier base | reverse-standard |" in (out / "ablation.md").read_text()
+    before = (out / "ablation.md").read_bytes()
+    assert ablation_script.main(args) == 2                 # no overwrite without --force
+    assert (out / "ablation.md").read_bytes() == before
+
+
+def test_refuses_a_u1_card(tmp_path: Path, capsys):
+    args = [str(ROOT / "actions" / "u1_beta2.toml"), "--L", "4", "--out", str(tmp_path), "-q"]
+    assert ablation_script.main(args) == 2
+    assert "phi4" in capsys.readouterr().err
