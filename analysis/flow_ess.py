@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=16384, help="fresh samples (default: 16384)")
     parser.add_argument("--batch", type=int, default=1024, help="batch size (default: 1024)")
     parser.add_argument("--seed", type=int, default=12345, help="sampling seed")
+    parser.add_argument("--lattice", type=int, metavar="L",
+                        help="sample on L×L instead of the training lattice (weights do not "
+                             "depend on L)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     return parser
 
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise LatticeflowError(f"{args.json} exists; remove it first")
     rows = []
     for path in args.runs:
-        flow = lf.load_flow(path)
+        flow = lf.load_flow(path, lattice=None if args.lattice is None
+                            else f"{args.lattice}x{args.lattice}")
         generator = torch.Generator().manual_seed(args.seed)
         log_w, started = [], time.perf_counter()
         with torch.no_grad():
