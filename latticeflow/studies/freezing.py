@@ -209,11 +209,11 @@ def ladder_inputs(runs_dir: str | Path, betas: Sequence[float], lattice: int
                   ) -> list[LadderInput]:
     """Every β's checked flows; a missing Haar recipe leaves row (e) out with a note."""
     out = []
-    for path in ladder_recipes(runs_dir, betas, lattice):
+    for name_beta, path in zip(betas, ladder_recipes(runs_dir, betas, lattice), strict=True):
         flows = {"nmcmc": check_trained(path)}
         beta = float(flows["nmcmc"].recipe.action().params()["beta"])
         shape = tuple(flows["nmcmc"].recipe.lattice)
-        haar = Path(runs_dir) / RECIPE_NAMES["haar"].format(beta=beta, L=lattice)
+        haar = Path(runs_dir) / RECIPE_NAMES["haar"].format(beta=name_beta, L=lattice)
         notes: tuple[str, ...] = ()
         if haar.is_file():
             flows["haar"] = check_trained(haar, prior="uniform")
