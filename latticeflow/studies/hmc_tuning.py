@@ -87,7 +87,7 @@ class HMCTuning:
     tau_int: float
     n_therm: int
     seconds: float = 0.0
-    start: np.ndarray = field(default=None, repr=False)
+    start: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("start", "tau_int")}
