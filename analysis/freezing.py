@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Topological freezing: HMC against neural MCMC across the U(1) β ladder.
+"""Topological freezing across the U(1) β ladder: where each sampler's gain comes from.
 
-For every β it reads the recipe ``RUNS/u1_beta<β>_L<L>.toml`` and that recipe's trained flow
-(``latticeflow run`` the recipe first), draws an HMC and a neural-MCMC ensemble of equal sampling
-wall time, and reports χ_t = ⟨Q²⟩/V against the exact value, τ_int(Q²), the acceptance and the
-cost per independent Q² sample (wall seconds × 2τ_int / N) of both samplers. Writes
-``freezing.md``, ``freezing.json``, ``freezing.png`` and the Q histories (``charges.npz``, arrays
-``<sampler>_beta<β>`` of shape (rows per chain, chains)) into ``--out``; the method is documented
-in ``latticeflow/studies/freezing.py``. ``--quick`` is a smoke test on tiny budgets.
+For every β it reads the recipe ``RUNS/u1_beta<β>_L<L>.toml`` and its trained flow, and, when it
+exists, the Haar-prior recipe ``RUNS/u1_haar_beta<β>_L<L>.toml`` (``[flow] prior = "uniform"``)
+and its flow (``latticeflow run`` the recipes first). At equal sampling wall time it compares
+(a) HMC tuned as a careful user tunes it and started from exact samples, (b) the exact sampler,
+(c) independent Metropolis with the plaquette prior alone, (d) the plaquette-prior flow and
+(e) the Haar-prior flow (left out, with a note, without its recipe): χ_t = ⟨Q²⟩/V against the
+exact value, τ_int(Q²), the cost per independent Q² sample, the training seconds (own and whole
+init_from lineage), the break-even number of independent samples N* against (a) and the
+reliable flag (every chain ≥ 50 τ_int). Writes ``freezing.md``, ``freezing.json``,
+``freezing.png`` and the Q histories (``charges.npz``, arrays ``<sampler>_beta<β>`` of shape
+(rows per chain, chains)) into ``--out``; the method is documented in
+``latticeflow/studies/freezing.py``. ``--quick`` is a smoke test on tiny budgets.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,7 @@ import numpy as np
 from latticeflow import script_support as ss
 from latticeflow.errors import LatticeflowError
 from latticeflow.studies import freezing
+from latticeflow.studies import freezing_report as report
 
 EXAMPLES = (
     "python analysis/freezing.py --out docs/freezing",
@@ -40,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lattice extent L of the recipes (default: 8)")
     parser.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
                         help="sampling wall time per sampler and β (default: 60)")
-    parser.add_argument("--hmc-chains", type=int, default=16, metavar="N",
-                        help="vectorised HMC chains (default: 16)")
+    parser.add_argument("--chain-counts", type=int, nargs="+", metavar="N",
+                        default=list(freezing.FreezingSettings.chain_counts),
+                        help="HMC chain counts whose throughput is measured (default: 1 4 16 "
+                             "64 256 1024)")
+    parser.add_argument("--pilot", type=float, default=10.0, metavar="SECONDS",
+                        help="HMC pilot run per trajectory length (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 2 s per sampler, 20 HMC thermalisation trajectories")
+                        help="smoke test: 2 s per sampler, 1-16 HMC chains, short tuning")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output folder (created; existing outputs need --force)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
@@ -52,26 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.budget <= 0 or args.hmc_chains < 1 or args.seed < 0 or args.lattice < 1:
-        raise LatticeflowError("--budget must be > 0, --hmc-chains and --lattice >= 1, "
-                               "--seed >= 0")
+    if (args.budget <= 0 or args.pilot <= 0 or min(args.chain_counts) < 1 or args.seed < 0
+            or args.lattice < 1):
+        raise LatticeflowError("--budget and --pilot must be > 0, --chain-counts and --lattice "
+                               ">= 1, --seed >= 0")
     if not args.quiet:  # the per-β summary lines and progress bars
         logging.getLogger("latticeflow").setLevel(logging.INFO)
     existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
     if existing and not args.force:
         raise LatticeflowError(f"{existing[0]} exists; use --force to replace it")
-    settings = freezing.FreezingSettings(
-        budget_s=2.0 if args.quick else args.budget, hmc_chains=args.hmc_chains,
-        hmc_therm=20 if args.quick else 200, seed=args.seed,
-        nmcmc_batch=256 if args.quick else 1024)
-    recipes = freezing.ladder_recipes(args.runs, sorted(args.betas), args.lattice)
-    points = freezing.run_freezing_study(recipes, settings)
+    if args.quick:
+        settings = freezing.FreezingSettings(
+            budget_s=2.0, chain_counts=(1, 4, 16), throughput_trajectories=2,
+            tau_factors=(0.5, 1.0), pilot_s=0.3, n_tune=20, batch=256, seed=args.seed)
+    else:
+        settings = freezing.FreezingSettings(budget_s=args.budget, seed=args.seed,
+                                             chain_counts=tuple(sorted(set(args.chain_counts))),
+                                             pilot_s=args.pilot)
+    inputs = freezing.ladder_inputs(args.runs, sorted(args.betas), args.lattice)
+    points = freezing.run_freezing_study(inputs, settings)
     ss.check_output_dir(args.out)
-    table = freezing.markdown_table(points, (args.lattice, args.lattice))
+    table = report.markdown_table(points, (args.lattice, args.lattice))
     (args.out / "freezing.md").write_text(table + "\n")
-    ss.write_json(args.out / "freezing.json", {"settings": vars(settings),
-                                               "rows": freezing.records(points)})
-    freezing.plot(points, args.out / "freezing.png")
+    ss.write_json(args.out / "freezing.json", {
+        "settings": asdict(settings), "rows": report.records(points),
+        "points": [{"beta": p.beta, "hmc_tuning": p.hmc_tuning, "notes": p.notes}
+                   for p in points]})
+    report.plot(points, args.out / "freezing.png")
     histories = {f"{name}_beta{point.beta:g}": q.astype(np.int16)
                  for point in points for name, q in point.charges.items()}
     np.savez_compressed(args.out / "charges.npz", **histories)

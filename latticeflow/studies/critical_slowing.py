@@ -16,7 +16,9 @@ and training are not counted; training is reported in a column of its own). Per 
   the flow is not cheaper); t_train is the whole ``init_from`` chain's training seconds when every
   link's checkpoint is there, else the flow's own.
 
-HMC is tuned per L as a careful user would (:func:`tune_hmc`, all of it recorded):
+HMC is tuned per L as a careful user would (:func:`tune_hmc`, all of it recorded; the procedure
+is :mod:`latticeflow.studies.hmc_tuning`, shared with the U(1) freezing study, steered by |m|
+from a random start, base trajectory length max(1, L/8)):
 
 1. chain count: the count of ``chain_counts`` (capped at ``max_sites`` = chains × V) with the
    most trajectories × chains per second, timed over a few trajectories at τ = max(1, L/8);
@@ -39,9 +41,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +51,27 @@ import torch
 
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
-from latticeflow.samplers.hmc import HMCConfig, HMCSampler
+from latticeflow.samplers.hmc import HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
+from latticeflow.studies import hmc_tuning
+from latticeflow.studies.hmc_tuning import HMCTuning, enough_per_chain
 from latticeflow.studies.sampler_race import (
-    MIN_TAU_LENGTHS,
     Estimate,
     HMCBlocks,
     NMCMCBlocks,
+    break_even,
     cost_per_independent,
     estimate,
     run_for,
+    training_seconds,
 )
 from latticeflow.theories import Action, action_from_table
-from latticeflow.training import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, recipe_lineage
+from latticeflow.training import CHECKPOINT_NAME, load_checkpoint, read_checkpoint
 
 log = logging.getLogger("latticeflow")
 
 SAMPLERS = ("hmc", "nmcmc")
 RECIPE_NAME = "phi4_critical_L{L}.toml"
-TARGET_ACCEPT = 0.8
 
 
 @dataclass(frozen=True)
@@ -135,14 +138,8 @@ def check_trained(path: Path, L: int) -> TrainedFlow:
     if state["theory"] != "phi4" or action_from_table(dict(state["action"])).params() != params:
         raise LatticeflowError(f"{checkpoint}: a flow trained for the {state['theory']} action "
                                f"{dict(state['action'])}, the recipe has φ⁴ {params}")
-    chain: float | None = float(state["wall_time"])
-    for link in recipe_lineage(recipe):
-        ancestor = link.default_run_dir() / CHECKPOINT_NAME
-        if chain is None or not ancestor.is_file():
-            chain = None
-            continue
-        chain += float(read_checkpoint(ancestor)[0]["wall_time"])
-    return TrainedFlow(L, path, recipe, checkpoint, float(state["wall_time"]), chain)
+    own, chain = training_seconds(recipe, state)
+    return TrainedFlow(L, path, recipe, checkpoint, own, chain)
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -198,121 +195,31 @@ def base_trajectory(L: int) -> float:
     return max(1.0, L / 8)
 
 
-@dataclass
-class HMCTuning:
-    """What :func:`tune_hmc` chose, with its measurements (JSON-ready but ``start``)."""
-
-    throughput: list[dict[str, float]]
-    chains: int
-    chains_reason: str
-    scan: list[dict[str, Any]]
-    trajectory_length: float
-    step_size: float
-    n_steps: int
-    tau_int_abs_m: float
-    n_therm: int
-    start: np.ndarray = field(repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "start"}
+def _abs_m(configs: np.ndarray) -> np.ndarray:
+    """Block ``(rows, chains, L, L)`` → |m| ``(rows, chains)``: the tuning's steering scalar."""
+    return per_config(configs)[..., 1]
 
 
-def _config(L: int, settings: SlowingSettings, chains: int, trajectory_length: float,
-            step_size: float, tune: bool) -> HMCConfig:
-    return HMCConfig(step_size=step_size, trajectory_length=trajectory_length, n_chains=chains,
-                     n_therm=settings.n_tune if tune else 0, dtype=settings.hmc_dtype,
-                     target_accept=TARGET_ACCEPT if tune else None)
-
-
-def _with_configs(sampler: HMCSampler, configs: np.ndarray | None) -> HMCSampler:
-    """``sampler`` started from ``configs`` (its first n_chains), through the resume state."""
-    if configs is not None:
-        state = sampler.state_dict()
-        state["x"] = configs[: sampler.config.n_chains]
-        sampler.load_state_dict(state)
-    return sampler
+def tune_hmc(action: Action, L: int, settings: SlowingSettings) -> HMCTuning:
+    """Chain count, trajectory length, step size and equilibrium start (module docstring),
+    steered by |m|: :func:`latticeflow.studies.hmc_tuning.tune_hmc` from a random start."""
+    return hmc_tuning.tune_hmc(action, (L, L), settings, base_trajectory(L), _abs_m, "abs_m",
+                               label=f"L={L}")
 
 
 def measure_throughput(action: Action, L: int, settings: SlowingSettings
                        ) -> list[dict[str, float]]:
     """Configurations (trajectories × chains) per second for every allowed chain count."""
-    out = []
-    for chains in settings.chain_counts:
-        if chains * L * L > settings.max_sites:
-            continue
-        config = _config(L, settings, chains, base_trajectory(L), 0.1, tune=False)
-        sampler = HMCSampler(action, (L, L), config, settings.seed)
-        sampler.advance(chains)  # warm-up trajectory
-        started = time.perf_counter()
-        sampler.advance(settings.throughput_trajectories * chains)
-        seconds = time.perf_counter() - started
-        out.append({"n_chains": chains,
-                    "configs_per_s": settings.throughput_trajectories * chains / seconds})
-    if not out:
-        raise LatticeflowError(f"L = {L}: no chain count fits max_sites = {settings.max_sites}")
-    return out
+    return hmc_tuning.measure_throughput(action, (L, L), settings, base_trajectory(L))
 
 
-def tune_hmc(action: Action, L: int, settings: SlowingSettings) -> HMCTuning:
-    """Chain count, trajectory length, step size and equilibrium start (module docstring)."""
-    throughput = measure_throughput(action, L, settings)
-    best = max(throughput, key=lambda t: t["configs_per_s"])
-    chains = int(best["n_chains"])
-    scan, start, winner = [], None, None
-    for i, factor in enumerate(sorted(settings.tau_factors, reverse=True)):
-        length = factor * base_trajectory(L)
-        config = _config(L, settings, chains, length, min(0.1, length / 2), tune=True)
-        sampler = _with_configs(HMCSampler(action, (L, L), config, settings.seed + 1 + i), start)
-        sampler.thermalise()
-        blocks = HMCBlocks(sampler, sweeps=4)
-        series, wall = run_for(settings.pilot_s, blocks, per_config, f"HMC L={L} τ={length:g}")
-        start = sampler.configs.cpu().numpy()
-        pilot = analyse("hmc", L, series, wall, blocks.acceptance)
-        scan.append({"trajectory_length": length, "step_size": sampler.step_size,
-                     "n_steps": sampler.n_steps, "acceptance": pilot.acceptance,
-                     "rows_per_chain": pilot.abs_m.rows_per_chain, "wall_s": wall,
-                     "tau_int_abs_m": pilot.abs_m.tau_int,
-                     "tau_int_abs_m_error": pilot.abs_m.tau_int_error,
-                     "reliable": pilot.abs_m.reliable, "cost_abs_m_s": pilot.cost_abs_m})
-        if winner is None or pilot.cost_abs_m < winner[0]["cost_abs_m_s"]:
-            winner = (scan[-1], start)
-    chosen, start = winner
-    tau = chosen["tau_int_abs_m"]
-    per_chain_rate = chosen["rows_per_chain"] / chosen["wall_s"]   # trajectories / s / chain
-    chains, reason = _enough_per_chain(throughput, chains, per_chain_rate, tau, settings.budget_s)
-    return HMCTuning(throughput, chains, reason, scan, chosen["trajectory_length"],
-                     chosen["step_size"], chosen["n_steps"], tau,
-                     max(10, math.ceil(settings.therm_factor * tau)), start)
-
-
-def _enough_per_chain(throughput: list[dict[str, float]], chains: int, rate: float, tau: float,
-                      budget_s: float) -> tuple[int, str]:
-    """The chain count: the fastest one unless its chains would be < 50 τ_int long in
-    ``budget_s``; then the fastest count whose chains would be long enough (else the fewest)."""
-    need = MIN_TAU_LENGTHS * tau
-    speed = {int(t["n_chains"]): t["configs_per_s"] for t in throughput}
-    length = {c: budget_s * rate * (speed[c] / c) / (speed[chains] / chains) for c in speed}
-    if length[chains] >= need:
-        return chains, "highest throughput"
-    enough = [c for c in speed if length[c] >= need]
-    if enough:
-        pick = max(enough, key=speed.__getitem__)
-        return pick, f"fastest count with chains >= {MIN_TAU_LENGTHS:g} τ_int(|m|) long"
-    return min(speed), f"no count gives chains of {MIN_TAU_LENGTHS:g} τ_int(|m|): fewest chains"
+_enough_per_chain = enough_per_chain
 
 
 def equilibrium_hmc(action: Action, L: int, tuning: HMCTuning, settings: SlowingSettings,
                     seed: int) -> HMCSampler:
-    """A tuned sampler started from the tuning's final configurations, after ``n_therm``
-    more trajectories at the frozen step size."""
-    config = _config(L, settings, tuning.chains, tuning.trajectory_length, tuning.step_size,
-                     tune=False)
-    sampler = _with_configs(HMCSampler(action, (L, L), config, seed), tuning.start)
-    sampler.thermalise()  # n_therm = 0: only marks it thermalised
-    with torch.no_grad():
-        for _ in range(tuning.n_therm):
-            sampler.trajectory(sampler.step_size, sampler.n_steps)
-    return sampler
+    """A tuned sampler in equilibrium (:func:`latticeflow.studies.hmc_tuning.equilibrium_hmc`)."""
+    return hmc_tuning.equilibrium_hmc(action, (L, L), tuning, settings, seed)
 
 
 def run_hmc(action: Action, L: int, tuning: HMCTuning, settings: SlowingSettings,
@@ -386,8 +293,8 @@ class SizePoint:
     @property
     def break_even(self) -> float:
         """N* = t_train / (c_HMC − c_NMCMC) in independent χ₂ samples (inf: never)."""
-        gain = self.results["hmc"].cost_chi2 - self.results["nmcmc"].cost_chi2
-        return self.trained.training_total_s / gain if gain > 0 else math.inf
+        return break_even(self.trained.training_total_s, self.results["hmc"].cost_chi2,
+                          self.results["nmcmc"].cost_chi2)
 
 
 def run_critical_slowing(inputs: Sequence[TrainedFlow], settings: SlowingSettings,
@@ -402,7 +309,7 @@ def run_critical_slowing(inputs: Sequence[TrainedFlow], settings: SlowingSetting
         tuning = tune_hmc(action, L, settings)
         log.info("L = %d: HMC %d chains, τ = %g, ε = %.4g, τ_int(|m|) ≈ %.3g (%s)", L,
                  tuning.chains, tuning.trajectory_length, tuning.step_size,
-                 tuning.tau_int_abs_m, tuning.chains_reason)
+                 tuning.tau_int, tuning.chains_reason)
         before = cache.get(f"L{L}")
         ref = reference(action, L, tuning, settings, cache)
         if on_reference is not None and ref is not before:

@@ -1,22 +1,35 @@
-"""The topological-freezing study: HMC against neural MCMC across β for 2D U(1).
+"""The topological-freezing study of 2D U(1): five samplers per β, and where each gain comes from.
 
-For every β of a ladder the study draws an HMC ensemble and a neural-MCMC ensemble of equal
-wall-clock cost (each sampler runs until ``budget_s`` seconds of sampling are spent; HMC
-thermalisation and flow training are not counted, and are reported apart), measures the
-topological charge Q on every row and reports, per sampler:
+For every β of a ladder each sampler runs until ``budget_s`` seconds of sampling are spent (HMC
+tuning, flow loading and training are not counted; tuning is reported as ``setup_s``, training
+in columns of its own). The rows (DESIGN §10, "attributing a gain"):
 
-* χ_t = ⟨Q²⟩/V with its Γ-method error (chains as replicas) and the exact finite-volume value;
-* τ_int(Q²) with its error, in rows of the stored chain (one HMC trajectory per row and chain,
-  one proposal per row for neural MCMC);
-* the acceptance rate;
-* the cost per independent Q² sample, wall seconds × 2τ_int / N.
+* ``hmc`` (a): HMC as a careful user runs it, tuned by :mod:`latticeflow.studies.hmc_tuning`
+  steered by Q² (chain count with the best measured throughput, trajectory length from
+  ``tau_factors`` × 1 with a dual-averaged step size) and started in equilibrium from exact
+  samples (:func:`latticeflow.samplers.exact_u1.sample_exact_u1`);
+* ``exact`` (b): independent exact samples (rejection from von Mises plaquettes), the reference
+  limit; one chain, τ_int = 1/2 by construction but measured like the others; its acceptance
+  is the rejection sampler's (:func:`~latticeflow.samplers.exact_u1.expected_acceptance`);
+* ``prior`` (c): independent Metropolis with the plaquette prior alone
+  (:class:`~latticeflow.flows.plaquette_prior.PlaquettePrior`, κ = β: the flow's base density,
+  no couplings, no training);
+* ``nmcmc`` (d): neural MCMC with the trained plaquette-prior flow of ``u1_beta<β>_L<L>.toml``;
+* ``haar`` (e): neural MCMC with the trained Haar-prior flow of ``u1_haar_beta<β>_L<L>.toml``
+  (``[flow] prior = "uniform"``), the general method; optional: without that recipe the row is
+  left out and a note says so.
 
-A frozen chain has almost no information on its own autocorrelation: when the Γ-method finds no
-window, or N or any chain is shorter than 50 τ_int, the τ_int it returns is an underestimate,
-and the row is flagged ``reliable = false``; its cost per independent sample is then a lower
-bound. When Q² never changes in any chain τ_int is unknown; it is reported as the chain length,
-a lower bound. The sampling loop and these estimates are those of
-:mod:`latticeflow.studies.sampler_race`.
+Per row: χ_t = ⟨Q²⟩/V with its Γ-method error (chains as replicas) against the exact
+finite-volume value; τ_int(Q²) in rows of a chain (HMC: trajectories; the others: draws or
+proposals); the acceptance; the cost per independent Q² sample c = wall × 2τ_int / N; the
+training seconds, the link's own and the whole ``init_from`` lineage's (checkpoints'
+``wall_time``; 0 for the rows without training; lineage None when an ancestor's checkpoint is
+missing); the break-even number of independent Q² samples against (a),
+N* = t_train / (c_hmc − c_row) with t_train the lineage's seconds (the own ones when the lineage
+is incomplete; infinite when the row is not cheaper than HMC). A row is ``reliable`` only when
+every chain is at least 50 τ_int long and the Γ-method found a window; otherwise τ_int and c are
+lower bounds (:mod:`latticeflow.studies.sampler_race`). Tables and figure:
+:mod:`latticeflow.studies.freezing_report`.
 """
 
 from __future__ import annotations
@@ -25,52 +38,66 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from latticeflow import exact
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.errors import LatticeflowError
+from latticeflow.flows.flow import Flow
+from latticeflow.flows.plaquette_prior import PlaquettePrior
+from latticeflow.flows.priors import Prior, UniformAnglePrior
 from latticeflow.observables import topological_charge
-from latticeflow.samplers.hmc import HMCConfig, HMCSampler
+from latticeflow.samplers.exact_u1 import expected_acceptance, sample_exact_u1
 from latticeflow.samplers.nmcmc import FlowMetropolis
+from latticeflow.studies import hmc_tuning
 from latticeflow.studies.sampler_race import (
     HMCBlocks,
     NMCMCBlocks,
+    break_even,
     cost_per_independent,
     estimate,
     run_for,
+    training_seconds,
 )
-from latticeflow.training import CHECKPOINT_NAME, load_checkpoint
+from latticeflow.theories import action_from_table
+from latticeflow.training import CHECKPOINT_NAME, load_checkpoint, read_checkpoint
 
 log = logging.getLogger("latticeflow")
 
-SAMPLERS = ("hmc", "nmcmc")
+SAMPLERS = ("hmc", "exact", "prior", "nmcmc", "haar")
+LABELS = {"hmc": "(a) tuned HMC", "exact": "(b) exact sampler", "prior": "(c) plaquette prior",
+          "nmcmc": "(d) plaquette-prior flow", "haar": "(e) Haar-prior flow"}
+RECIPE_NAMES = {"nmcmc": "u1_beta{beta:g}_L{L}.toml", "haar": "u1_haar_beta{beta:g}_L{L}.toml"}
 
 
 @dataclass(frozen=True)
 class FreezingSettings:
-    """What every β gets: the sampling budget and the samplers' settings.
-
-    HMC: ``hmc_chains`` vectorised chains, leapfrog with trajectory length 1 and the step size
-    tuned to acceptance 0.8 during ``hmc_therm`` thermalisation trajectories (hot start).
-    Neural MCMC: one chain, proposals drawn in batches of ``nmcmc_batch``.
-    """
+    """Budgets and HMC tuning choices (module docstring; the tuning fields are those of
+    :class:`latticeflow.studies.hmc_tuning.TuningSettings`). ``batch``: draws per block of the
+    exact sampler and proposals per block of the independent-Metropolis rows."""
 
     budget_s: float = 60.0
-    hmc_chains: int = 16
-    hmc_therm: int = 200
-    nmcmc_batch: int = 1024
+    chain_counts: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+    max_sites: int = 1 << 22
+    throughput_trajectories: int = 4
+    tau_factors: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    pilot_s: float = 10.0
+    n_tune: int = 200
+    therm_factor: float = 1.0
+    batch: int = 1024
+    hmc_dtype: str = "float64"
     seed: int = 0
 
 
 @dataclass
 class SamplerResult:
-    """One sampler at one β (see the module docstring for the meanings)."""
+    """One row at one β (see the module docstring for the meanings)."""
 
     sampler: str
     beta: float
@@ -86,6 +113,8 @@ class SamplerResult:
     tau_int_error: float
     cost_per_independent_s: float
     reliable: bool
+    training_s: float = 0.0
+    training_chain_s: float | None = 0.0
 
     @property
     def pull(self) -> float:
@@ -94,23 +123,58 @@ class SamplerResult:
             return float("nan")
         return (self.chi_t - self.chi_t_exact) / self.chi_t_error
 
+    @property
+    def training_total_s(self) -> float:
+        """The lineage's training seconds, or the own ones when the lineage is incomplete."""
+        return self.training_chain_s if self.training_chain_s is not None else self.training_s
+
+
+@dataclass(frozen=True)
+class TrainedFlow:
+    """A checked recipe with its trained flow and training seconds (own, lineage or None)."""
+
+    path: Path
+    recipe: Recipe
+    checkpoint: Path
+    training_s: float
+    training_chain_s: float | None
+
+
+@dataclass(frozen=True)
+class LadderInput:
+    """One β: its checked flows (``nmcmc``, and ``haar`` when its recipe exists) and notes."""
+
+    beta: float
+    lattice: tuple[int, int]
+    flows: dict[str, TrainedFlow]
+    notes: tuple[str, ...] = ()
+
 
 @dataclass
 class BetaPoint:
-    """Both samplers at one β, with the Q histories (``(rows per chain, chains)``)."""
+    """Every row at one β, with the Q histories (``(rows per chain, chains)``), the HMC tuning
+    record and the notes (e.g. a row left out)."""
 
     beta: float
     recipe: str
     results: dict[str, SamplerResult]
     charges: dict[str, np.ndarray]
+    hmc_tuning: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def break_even(self, sampler: str) -> float:
+        """N* of ``sampler`` against (a) in independent Q² samples (module docstring)."""
+        r, hmc = self.results[sampler], self.results["hmc"]
+        return break_even(r.training_total_s, hmc.cost_per_independent_s,
+                          r.cost_per_independent_s)
 
 
+# ------------------------------------------------------------------------------ inputs
 def ladder_recipes(runs_dir: str | Path, betas: Sequence[float], lattice: int) -> list[Path]:
     """The recipe of every β, ``<runs_dir>/u1_beta<β>_L<lattice>.toml``; refuses a missing one."""
     paths = []
     for beta in betas:
-        name = f"u1_beta{beta:g}_L{lattice}.toml"
-        path = Path(runs_dir) / name
+        path = Path(runs_dir) / RECIPE_NAMES["nmcmc"].format(beta=beta, L=lattice)
         if not path.is_file():
             raise LatticeflowError(f"β = {beta:g}: no recipe {path} (a β needs a recipe and an "
                                    f"action card)")
@@ -118,64 +182,141 @@ def ladder_recipes(runs_dir: str | Path, betas: Sequence[float], lattice: int) -
     return paths
 
 
-def _check_trained(recipe: Recipe, path: Path) -> Path:
+def check_trained(path: Path, prior: str | None = None) -> TrainedFlow:
+    """Load a U(1) recipe and check it and its checkpoint (one-line errors); ``prior``: the
+    ``[flow] prior`` the recipe must have (None: any)."""
+    recipe = load_recipe(path)
     if recipe.theory != "u1":
         raise LatticeflowError(f"{path}: a {recipe.theory} recipe; the freezing study needs U(1)")
+    if prior is not None and recipe.architecture.get("prior") != prior:
+        raise LatticeflowError(f"{path}: [flow] prior = {recipe.architecture.get('prior')!r}, "
+                               f"this row needs {prior!r}")
     checkpoint = recipe.default_run_dir() / CHECKPOINT_NAME
     if not checkpoint.is_file():
         raise LatticeflowError(f"{path}: no trained flow at {checkpoint}; train it with "
                                f"`latticeflow run {path}`")
-    return checkpoint
+    state, _ = read_checkpoint(checkpoint)
+    params = recipe.action().params()
+    if state["theory"] != "u1" or action_from_table(dict(state["action"])).params() != params:
+        raise LatticeflowError(f"{checkpoint}: the checkpoint was trained for the "
+                               f"{state['theory']} action {dict(state['action'])}, the recipe "
+                               f"has {params}")
+    own, chain = training_seconds(recipe, state)
+    return TrainedFlow(path, recipe, checkpoint, own, chain)
 
 
-def _charges(recipe: Recipe) -> Callable[[np.ndarray], np.ndarray]:
-    """Block ``(rows, chains, *field)`` → rounded charges ``(rows, chains)``."""
-    shape = recipe.action().field_shape(recipe.lattice)
+def ladder_inputs(runs_dir: str | Path, betas: Sequence[float], lattice: int
+                  ) -> list[LadderInput]:
+    """Every β's checked flows; a missing Haar recipe leaves row (e) out with a note."""
+    out = []
+    for name_beta, path in zip(betas, ladder_recipes(runs_dir, betas, lattice), strict=True):
+        flows = {"nmcmc": check_trained(path)}
+        beta = float(flows["nmcmc"].recipe.action().params()["beta"])
+        shape = tuple(flows["nmcmc"].recipe.lattice)
+        haar = Path(runs_dir) / RECIPE_NAMES["haar"].format(beta=name_beta, L=lattice)
+        notes: tuple[str, ...] = ()
+        if haar.is_file():
+            flows["haar"] = check_trained(haar, prior="uniform")
+            if flows["haar"].recipe.action().params() != flows["nmcmc"].recipe.action().params():
+                raise LatticeflowError(f"{haar}: another action than {path}")
+            if tuple(flows["haar"].recipe.lattice) != shape:
+                raise LatticeflowError(f"{haar}: another lattice than {path}")
+        else:
+            notes = (f"β = {beta:g}: no Haar-prior recipe {haar.name}; row (e) left out",)
+        out.append(LadderInput(beta, shape, flows, notes))
+    return out
 
+
+# ------------------------------------------------------------------------------ samplers
+Draw = tuple[np.ndarray, float, float, float]   # Q history, sampling s, setup s, acceptance
+
+
+def charges_of(lattice: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Block ``(rows, chains, 2, L0, L1)`` → rounded charges ``(rows, chains)``."""
     def charges(configs: np.ndarray) -> np.ndarray:
         rows, chains = configs.shape[:2]
-        links = torch.from_numpy(configs.reshape(rows * chains, *shape))
+        links = torch.from_numpy(configs.reshape(rows * chains, 2, *lattice))
         return np.rint(topological_charge(links).numpy()).reshape(rows, chains)
 
     return charges
 
 
-def draw_hmc(recipe: Recipe, settings: FreezingSettings) -> tuple[np.ndarray, float, float, float]:
-    """HMC Q history ``(rows per chain, chains)``, sampling seconds, setup seconds, acceptance."""
-    config = HMCConfig(n_chains=settings.hmc_chains, n_therm=settings.hmc_therm,
-                       target_accept=0.8, trajectory_length=1.0)
-    sampler = HMCSampler(recipe.action(), recipe.lattice, config, seed=settings.seed)
+def draw_hmc(point: LadderInput, settings: FreezingSettings) -> tuple[Draw, dict[str, Any]]:
+    """(a): tuned HMC from exact samples; the draw and the tuning record."""
+    action, lattice = point.flows["nmcmc"].recipe.action(), point.lattice
+    charges = charges_of(lattice)
+    volume = math.prod(lattice)
+    generator = torch.Generator().manual_seed(settings.seed + 104729)
+
+    def start(n: int) -> np.ndarray:
+        return sample_exact_u1(point.beta, lattice, n, generator=generator).numpy()
+
     started = time.perf_counter()
-    sampler.thermalise()
+    tuning = hmc_tuning.tune_hmc(action, lattice, settings, 1.0,
+                                 lambda configs: charges(configs) ** 2 / volume, "q2",
+                                 start=start, label=f"β={point.beta:g}")
+    sampler = hmc_tuning.equilibrium_hmc(action, lattice, tuning, settings, settings.seed)
     setup = time.perf_counter() - started
     blocks = HMCBlocks(sampler)
-    charges, spent = run_for(settings.budget_s, blocks, _charges(recipe), f"HMC β={_b(recipe)}")
-    return charges, spent, setup, blocks.acceptance
+    q, spent = run_for(settings.budget_s, blocks, charges, f"HMC β={point.beta:g}")
+    return (q, spent, setup, blocks.acceptance), tuning.to_dict()
 
 
-def draw_nmcmc(recipe: Recipe, settings: FreezingSettings, device: torch.device
-               ) -> tuple[np.ndarray, float, float, float]:
-    """Neural-MCMC Q history ``(rows, 1)``, sampling seconds, setup seconds, acceptance."""
+def draw_exact(point: LadderInput, settings: FreezingSettings) -> Draw:
+    """(b): independent exact samples in blocks of ``batch`` (one chain)."""
+    generator = torch.Generator().manual_seed(settings.seed + 7)
+
+    def advance() -> np.ndarray:
+        links = sample_exact_u1(point.beta, point.lattice, settings.batch, generator=generator)
+        return links.numpy()[:, None]
+
+    q, spent = run_for(settings.budget_s, advance, charges_of(point.lattice),
+                       f"exact β={point.beta:g}")
+    return q, spent, 0.0, expected_acceptance(point.beta, point.lattice)
+
+
+class PriorFlow(Flow):
+    """A flow with no couplings: its samples and density are those of ``prior``. ``anchor``
+    (a frozen scalar) only fixes the device and dtype the samplers read from the parameters."""
+
+    def __init__(self, prior: Prior, dtype: torch.dtype = torch.float32):
+        super().__init__(prior, [])
+        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype), requires_grad=False)
+
+
+def _metropolis(flow: Flow, point: LadderInput, settings: FreezingSettings, label: str) -> Draw:
     started = time.perf_counter()
-    loaded = load_checkpoint(recipe.default_run_dir(), device=device)
-    if loaded.action.params() != recipe.action().params():
-        raise LatticeflowError(f"{recipe.default_run_dir()}: the checkpoint was trained for "
-                               f"{loaded.action.params()}, the recipe has "
-                               f"{recipe.action().params()}")
-    sampler = FlowMetropolis(loaded.flow, loaded.action, seed=settings.seed,
-                             batch_size=settings.nmcmc_batch)
+    sampler = FlowMetropolis(flow, point.flows["nmcmc"].recipe.action(), seed=settings.seed,
+                             batch_size=settings.batch)
     setup = time.perf_counter() - started
-    blocks = NMCMCBlocks(sampler, settings.nmcmc_batch)
-    charges, spent = run_for(settings.budget_s, blocks, _charges(recipe), f"NMCMC β={_b(recipe)}")
-    return charges, spent, setup, blocks.acceptance
+    blocks = NMCMCBlocks(sampler, settings.batch)
+    q, spent = run_for(settings.budget_s, blocks, charges_of(point.lattice),
+                       f"{label} β={point.beta:g}")
+    return q, spent, setup, blocks.acceptance
 
 
-def _b(recipe: Recipe) -> str:
-    return f"{recipe.action().params()['beta']:g}"
+def draw_prior(point: LadderInput, settings: FreezingSettings) -> Draw:
+    """(c): independent Metropolis with the plaquette prior of κ = β alone (uniform at β = 0,
+    its κ → 0 limit)."""
+    shape = (2, *point.lattice)
+    prior = (PlaquettePrior(point.lattice, point.beta) if point.beta > 0
+             else UniformAnglePrior(shape))
+    return _metropolis(PriorFlow(prior), point, settings, "prior")
 
 
+def draw_flow(trained: TrainedFlow, point: LadderInput, settings: FreezingSettings,
+              device: torch.device, label: str) -> Draw:
+    """(d), (e): neural MCMC (one chain) with a trained flow; loading counts as setup."""
+    started = time.perf_counter()
+    flow = load_checkpoint(trained.checkpoint, device=device).flow
+    q, spent, setup, acceptance = _metropolis(flow, point, settings, label)
+    return q, spent, setup + time.perf_counter() - started, acceptance
+
+
+# ------------------------------------------------------------------------------ the study
 def measure(sampler: str, beta: float, lattice: tuple[int, int], charges: np.ndarray,
-            wall_s: float, setup_s: float, acceptance: float) -> SamplerResult:
+            wall_s: float, setup_s: float, acceptance: float, training_s: float = 0.0,
+            training_chain_s: float | None = 0.0) -> SamplerResult:
     """χ_t, τ_int(Q²) and the cost per independent sample from a Q history (module docstring)."""
     volume = lattice[0] * lattice[1]
     rows, chains = charges.shape
@@ -184,131 +325,49 @@ def measure(sampler: str, beta: float, lattice: tuple[int, int], charges: np.nda
     cost = cost_per_independent(wall_s, q2.tau_int, n)
     return SamplerResult(sampler, beta, n, chains, wall_s, setup_s, acceptance, q2.value,
                          q2.error, exact.u1_topological_susceptibility(beta, lattice),
-                         q2.tau_int, q2.tau_int_error, cost, q2.reliable)
+                         q2.tau_int, q2.tau_int_error, cost, q2.reliable, training_s,
+                         training_chain_s)
 
 
-def run_freezing_study(recipes: Sequence[Path], settings: FreezingSettings,
+def run_point(point: LadderInput, settings: FreezingSettings, device: torch.device
+              ) -> BetaPoint:
+    """Every row at one β, in the order of :data:`SAMPLERS`."""
+    hmc, tuning = draw_hmc(point, settings)
+    draws: dict[str, Draw] = {"hmc": hmc, "exact": draw_exact(point, settings),
+                              "prior": draw_prior(point, settings)}
+    for name, trained in point.flows.items():
+        draws[name] = draw_flow(trained, point, settings, device, name)
+    results = {}
+    for name in (s for s in SAMPLERS if s in draws):
+        q, wall, setup, acc = draws[name]
+        trained = point.flows.get(name)
+        results[name] = measure(name, point.beta, point.lattice, q, wall, setup, acc,
+                                trained.training_s if trained else 0.0,
+                                trained.training_chain_s if trained else 0.0)
+        r = results[name]
+        log.info("β = %g %-5s: %6d rows in %.0f s, acc %.3f, χ_t %.5f ± %.5f (exact %.5f), "
+                 "τ_int %.3g, cost/indep %.3g s", point.beta, name, r.rows, r.wall_s,
+                 r.acceptance, r.chi_t, r.chi_t_error, r.chi_t_exact, r.tau_int,
+                 r.cost_per_independent_s)
+    return BetaPoint(point.beta, str(point.flows["nmcmc"].path), results,
+                     {name: draw[0] for name, draw in draws.items()}, tuning, list(point.notes))
+
+
+def run_freezing_study(inputs: Sequence[LadderInput], settings: FreezingSettings,
                        device: torch.device | None = None) -> list[BetaPoint]:
-    """Both samplers at every recipe's β, in order. Checks every input before sampling."""
+    """Every row at every β, in order; ``inputs`` from :func:`ladder_inputs` (checked before
+    anything is sampled)."""
     device = device or torch.device("cpu")
-    loaded = [(path, load_recipe(path)) for path in recipes]
-    for path, recipe in loaded:
-        _check_trained(recipe, path)
-    points = []
-    for path, recipe in loaded:
-        beta = float(recipe.action().params()["beta"])
-        lattice = tuple(recipe.lattice)
-        draws = {"hmc": draw_hmc(recipe, settings),
-                 "nmcmc": draw_nmcmc(recipe, settings, device)}
-        results = {name: measure(name, beta, lattice, q, wall, setup, acc)
-                   for name, (q, wall, setup, acc) in draws.items()}
-        for r in results.values():
-            log.info("β = %g %-5s: %6d rows in %.0f s, acc %.3f, χ_t %.5f ± %.5f (exact %.5f), "
-                     "τ_int %.3g, cost/indep %.3g s", beta, r.sampler, r.rows, r.wall_s,
-                     r.acceptance, r.chi_t, r.chi_t_error, r.chi_t_exact, r.tau_int,
-                     r.cost_per_independent_s)
-        points.append(BetaPoint(beta, str(path), results,
-                                {name: draw[0] for name, draw in draws.items()}))
-    return points
+    return [run_point(point, settings, device) for point in inputs]
 
 
-def speedup(point: BetaPoint) -> float:
-    """HMC cost per independent Q² sample over the neural-MCMC one."""
+def speedup(point: BetaPoint, sampler: str = "nmcmc") -> float:
+    """HMC cost per independent Q² sample over that of ``sampler``."""
     return (point.results["hmc"].cost_per_independent_s
-            / point.results["nmcmc"].cost_per_independent_s)
+            / point.results[sampler].cost_per_independent_s)
 
 
-def records(points: Sequence[BetaPoint]) -> list[dict[str, Any]]:
-    """JSON-ready rows: one per β and sampler, plus the speed-up per β."""
-    out = []
-    for point in points:
-        for result in point.results.values():
-            out.append({**asdict(result), "pull": result.pull, "recipe": point.recipe,
-                        "speedup_vs_hmc": speedup(point) if result.sampler == "nmcmc" else None})
-    return out
-
-
-def _fmt(value: float, error: float | None = None) -> str:
-    if not math.isfinite(value):
-        return "—"
-    if error is None or not math.isfinite(error) or error <= 0:
-        return f"{value:.4g}"
-    return f"{value:.4g} ± {error:.2g}"
-
-
-def markdown_table(points: Sequence[BetaPoint], lattice: tuple[int, int]) -> str:
-    """The study's table (markdown); '≥' marks τ_int and cost that are lower bounds."""
-    lines = [f"Topological freezing, 2D U(1) on {lattice[0]}×{lattice[1]}: HMC against neural "
-             f"MCMC at equal sampling wall time per β.", "",
-             "| β | sampler | rows | wall s | acceptance | χ_t | exact χ_t | pull | τ_int(Q²) "
-             "| cost / indep. Q² [s] | HMC / NMCMC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for point in points:
-        for name in SAMPLERS:
-            r = point.results[name]
-            bound = "" if r.reliable else "≥ "
-            ratio = f"{speedup(point):.3g}" if name == "nmcmc" else ""
-            if name == "nmcmc" and not point.results["hmc"].reliable:
-                ratio = "≥ " + ratio
-            lines.append(
-                f"| {r.beta:g} | {name} | {r.rows} | {r.wall_s:.0f} | {r.acceptance:.3f} "
-                f"| {_fmt(r.chi_t, r.chi_t_error)} | {r.chi_t_exact:.4g} "
-                f"| {r.pull:+.1f} | {bound}{_fmt(r.tau_int, r.tau_int_error)} "
-                f"| {bound}{r.cost_per_independent_s:.3g} | {ratio} |")
-    return "\n".join(lines)
-
-
-def plot(points: Sequence[BetaPoint], path: str | Path) -> Path:
-    """τ_int(Q²) and the cost per independent Q² sample against β (log scale, both samplers;
-    open markers are lower bounds), and at the largest β the Q history of each sampler against
-    sampling time and their Q histograms."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 7), layout="constrained")
-    grid = figure.add_gridspec(2, 2)
-    tau_ax, cost_ax = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
-    history = grid[1, 0].subgridspec(2, 1, hspace=0.05)
-    history_axes = [figure.add_subplot(history[0])]
-    history_axes.append(figure.add_subplot(history[1], sharex=history_axes[0]))
-    count_ax = figure.add_subplot(grid[1, 1])
-    styles = {"hmc": ("C0", "s", "HMC"), "nmcmc": ("C3", "o", "neural MCMC")}
-    betas = [p.beta for p in points]
-    for name, (color, marker, label) in styles.items():
-        results = [p.results[name] for p in points]
-        for ax, values in ((tau_ax, [r.tau_int for r in results]),
-                           (cost_ax, [r.cost_per_independent_s for r in results])):
-            ax.plot(betas, values, "-", color=color, label=label)
-            for beta, value, r in zip(betas, values, results, strict=True):
-                ax.plot(beta, value, marker, color=color,
-                        markerfacecolor=color if r.reliable else "none")
-    tau_ax.set_ylabel("τ_int(Q²) [rows]")
-    cost_ax.set_ylabel("seconds per independent Q² sample")
-    for ax in (tau_ax, cost_ax):
-        ax.set_yscale("log")
-        ax.set_xlabel("β")
-        ax.grid(alpha=0.3, which="both")
-    tau_ax.legend(title="open marker: lower bound", fontsize=8, title_fontsize=8)
-    last = points[-1]
-    for ax, (name, (color, _, label)) in zip(history_axes, styles.items(), strict=True):
-        q = last.charges[name][:, 0]
-        seconds = np.linspace(0, last.results[name].wall_s, len(q))
-        ax.plot(seconds, q, lw=0.4, color=color, drawstyle="steps-post")
-        ax.set_ylabel("Q")
-        ax.text(0.01, 0.95, f"{label}, chain 0, β = {last.beta:g}", transform=ax.transAxes,
-                va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-        q_all = last.charges[name].ravel()
-        edges = np.arange(q_all.min() - 0.5, q_all.max() + 1.5)
-        count_ax.hist(q_all, bins=edges, density=True, histtype="step", lw=1.5, color=color,
-                      label=label)
-    history_axes[0].tick_params(labelbottom=False)
-    history_axes[1].set_xlabel("sampling wall time [s]")
-    count_ax.set_xlabel(f"Q at β = {last.beta:g}")
-    count_ax.set_ylabel("frequency")
-    count_ax.legend(fontsize=8)
-    figure.savefig(path, dpi=90)
-    return Path(path)
-
-
-__all__ = ["BetaPoint", "FreezingSettings", "SAMPLERS", "SamplerResult", "draw_hmc",
-           "draw_nmcmc", "ladder_recipes", "markdown_table", "measure", "plot", "records",
-           "run_freezing_study", "speedup"]
+__all__ = ["BetaPoint", "FreezingSettings", "LABELS", "LadderInput", "PriorFlow", "SAMPLERS",
+           "SamplerResult", "TrainedFlow", "charges_of", "check_trained", "draw_exact",
+           "draw_flow", "draw_hmc", "draw_prior", "ladder_inputs", "ladder_recipes", "measure",
+           "run_freezing_study", "run_point", "speedup"]

@@ -16,22 +16,29 @@ Conventions
   the chain length (a lower bound), and the estimate is unreliable.
 * Cost per independent sample: c = wall × 2τ_int / N with N all rows of all chains
   (:func:`cost_per_independent`); when ``reliable`` is false it is a lower bound.
+* Training enters only through the break-even number of independent samples,
+  N* = t_train / (c_baseline − c_flow) (:func:`break_even`; infinite when the flow is not
+  cheaper per sample), with t_train the checkpoints' ``wall_time`` (:func:`training_seconds`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from latticeflow.config import Recipe
 from latticeflow.samplers.hmc import HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.statistics import ShortChainWarning, gamma_method
+from latticeflow.training import CHECKPOINT_NAME, read_checkpoint, recipe_lineage
 
 log = logging.getLogger("latticeflow")
 
@@ -142,5 +149,28 @@ def cost_per_independent(wall_s: float, tau_int: float, n: int) -> float:
     return wall_s * 2.0 * tau_int / n
 
 
-__all__ = ["Estimate", "HMCBlocks", "MIN_TAU_LENGTHS", "NMCMCBlocks", "cost_per_independent",
-           "estimate", "is_reliable", "run_for"]
+def break_even(training_s: float, cost_baseline_s: float, cost_flow_s: float) -> float:
+    """N* = t_train / (c_baseline − c_flow), independent samples after which the training has
+    paid; ``inf`` when the flow is not cheaper per sample, 0 when it needs no training."""
+    gain = cost_baseline_s - cost_flow_s
+    if not gain > 0:
+        return math.inf
+    return training_s / gain
+
+
+def training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[float, float | None]:
+    """Training seconds of a checkpoint ``state`` of ``recipe``: its own ``wall_time``, and the
+    sum over the whole ``init_from`` lineage (None when an ancestor's checkpoint is missing)."""
+    own = float(state["wall_time"])
+    chain: float | None = own
+    for link in recipe_lineage(recipe):
+        ancestor = link.default_run_dir() / CHECKPOINT_NAME
+        if chain is None or not ancestor.is_file():
+            chain = None
+            continue
+        chain += float(read_checkpoint(ancestor)[0]["wall_time"])
+    return own, chain
+
+
+__all__ = ["Estimate", "HMCBlocks", "MIN_TAU_LENGTHS", "Measure", "NMCMCBlocks", "break_even",
+           "cost_per_independent", "estimate", "is_reliable", "run_for", "training_seconds"]
