@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latticeflow import measure, plots
+from latticeflow import measure
 from latticeflow import script_support as ss
+from latticeflow.measure import plots
 
 EXAMPLES = (
     "python analysis/autocorrelation.py runs/free_hmc.h5 --plots plots/free_hmc",

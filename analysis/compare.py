@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from latticeflow import measure, plots
+from latticeflow import measure
 from latticeflow import script_support as ss
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.measure import plots
 
 EXAMPLES = (
     "python analysis/compare.py runs/free_hmc.h5 runs/free_nmcmc.h5",

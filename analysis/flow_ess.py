@@ -20,7 +20,7 @@ import torch
 
 import latticeflow as lf
 from latticeflow import script_support as ss
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.statistics import ess
 from latticeflow.training import CHECKPOINT_NAME
 from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint

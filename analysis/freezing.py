@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from latticeflow import script_support as ss
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.studies import freezing
 from latticeflow.studies import freezing_report as report
 

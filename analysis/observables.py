@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latticeflow import measure, plots
+from latticeflow import measure
 from latticeflow import script_support as ss
-from latticeflow.pyerrors_export import to_pyerrors
+from latticeflow.measure import plots
+from latticeflow.measure.pyerrors_export import to_pyerrors
 
 EXAMPLES = (
     "python analysis/observables.py runs/free_hmc.h5",

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from latticeflow import script_support as ss
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.studies import ablation
 from latticeflow.theories import load_action_card
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from latticeflow import script_support as ss
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.training.curves import plot, read_curve, report
 
 EXAMPLES = (

@@ -19,8 +19,8 @@ _EXPORTS = {
                      "TrainedFlow", "analyse", "hmc", "load_action", "load_flow", "load_recipe",
                      "nmcmc", "read_ensemble", "train"), "latticeflow.api"),
     "gamma_method": "latticeflow.statistics",
-    "LatticeflowError": "latticeflow.errors",
-    "to_pyerrors": "latticeflow.pyerrors_export",
+    "LatticeflowError": "latticeflow.base.errors",
+    "to_pyerrors": "latticeflow.measure.pyerrors_export",
 }
 #: public submodules
 _MODULES = ("observables",)

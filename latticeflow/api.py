@@ -15,8 +15,8 @@ docs/python-api.md for a walk-through). The names follow the command's vocabular
 Conventions (DESIGN §3): lattices are ``(L0, L1, ...)`` tuples (or ``"8x8"`` strings); φ⁴
 fields are ``(batch, L0, L1)``, U(1) links ``(batch, 2, L0, L1)`` angles in [0, 2π); an
 ensemble's rows are in Monte Carlo order per chain (``/chain``, row i of an n-chain run belongs
-to chain ``i % n``). Bad input raises :class:`~latticeflow.errors.LatticeflowError` (or its
-subclass :class:`~latticeflow.errors.ConfigError` for cards and recipes), never a bare
+to chain ``i % n``). Bad input raises :class:`~latticeflow.base.errors.LatticeflowError` (or its
+subclass :class:`~latticeflow.base.errors.ConfigError` for cards and recipes), never a bare
 traceback from deep inside. Defaults are those of the command, so the same settings and seed
 give the same ensemble, row for row and bit for bit.
 """
@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe
 from latticeflow.config import load_recipe as _load_recipe_file
 from latticeflow.ensemble import Ensemble, read_ensemble
 from latticeflow.ensemble.output import check_seed
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows.samples import FlowSamples
 from latticeflow.lattice import lattice_shape
 from latticeflow.measure import AnalysisResult, ObservableResult, analyse

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from latticeflow import __version__
-from latticeflow.console import StderrHandler, install_stderr_handler, one_line
-from latticeflow.errors import (  # noqa: F401 (the exit codes are the command's too)
+from latticeflow.base.console import StderrHandler, install_stderr_handler, one_line
+from latticeflow.base.errors import (  # noqa: F401 (the exit codes are the command's too)
     EXIT_BUG,
     EXIT_INPUT,
     EXIT_INTERRUPTED,

@@ -1,7 +1,7 @@
 """Run recipes (``runs/*.toml``): TOML → validated, frozen dataclasses.
 
 Everything is checked when the recipe is loaded, before any work starts; every error is a
-:class:`~latticeflow.errors.ConfigError` naming the file and the key. Unknown keys are errors.
+:class:`~latticeflow.base.errors.ConfigError` naming the file and the key. Unknown keys are errors.
 Relative paths are relative to the directory of the recipe file.
 
 Recipe schema
@@ -84,7 +84,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from latticeflow.errors import ConfigError
+from latticeflow.base.errors import ConfigError
+from latticeflow.base.toml_fields import Table, read_toml
 from latticeflow.estimators import ESTIMATORS, direction
 from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
 from latticeflow.flows.conditioner import ACTIVATIONS
@@ -93,7 +94,6 @@ from latticeflow.flows.realnvp import TRANSFORMS as PHI4_TRANSFORMS
 from latticeflow.flows.u1_equivariant import PRIORS as U1_PRIORS
 from latticeflow.flows.u1_equivariant import TRANSFORMS as U1_TRANSFORMS
 from latticeflow.theories import Action, action_from_table, load_action_card
-from latticeflow.toml_fields import Table, read_toml
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 
 
 def lattice_shape(lattice: Sequence[int] | str, name: str = "lattice",

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from latticeflow.console import install_stderr_handler, one_line
-from latticeflow.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, LatticeflowError
+from latticeflow.base.console import install_stderr_handler, one_line
+from latticeflow.base.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, LatticeflowError
 from latticeflow.measure import AnalysisResult, Comparison, ObservableResult, deviation
 
 

@@ -32,7 +32,7 @@ Conventions
   log weights −S_new − log q (equivalently log w − ΔS, ΔS = S_new − S; for U(1) β → β + δβ,
   −ΔS = δβ Σ_x cos P(x)). Self-normalised means and errors come from
   :func:`latticeflow.statistics.reweighted_mean`. Reweighting is refused
-  (:class:`~latticeflow.errors.LatticeflowError`) when the ESS of the new weights falls below
+  (:class:`~latticeflow.base.errors.LatticeflowError`) when the ESS of the new weights falls below
   ``min_ess`` (default 0.01) or below ``min_effective`` (default 50) effective samples.
 """
 
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from latticeflow import exact
 from latticeflow import observables as obs
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.flows import Flow
 from latticeflow.flows.samples import FlowSamples, log_weight
 from latticeflow.statistics import (

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from latticeflow import exact, observables, plots
+from latticeflow import exact, observables
 from latticeflow import measure as analysis
 from latticeflow import script_support as ss
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleWriter, read_ensemble
-from latticeflow.errors import LatticeflowError
 from latticeflow.lattice import plaquette
+from latticeflow.measure import plots
 from latticeflow.samplers.chain import run_chain
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.theories import Phi4, Phi4Hopping, U1Wilson

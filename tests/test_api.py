@@ -17,8 +17,8 @@ import torch
 
 import latticeflow as lf
 from latticeflow import cli, statistics
+from latticeflow.base.errors import ConfigError
 from latticeflow.config import Recipe
-from latticeflow.errors import ConfigError
 from latticeflow.theories import Phi4, U1Wilson
 
 ROOT = Path(__file__).resolve().parents[1]

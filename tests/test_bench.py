@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from latticeflow import cli
-from latticeflow.bench import fit_slope
 from latticeflow.flows import build_flow
 from latticeflow.flows.compile import compile_forward
 from latticeflow.samplers.nmcmc import FlowMetropolis
+from latticeflow.studies.bench import fit_slope
 from latticeflow.theories import Phi4
 from latticeflow.training import tf32_mode
 

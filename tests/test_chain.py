@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.cli import main
 from latticeflow.config import load_recipe
-from latticeflow.errors import LatticeflowError
 from latticeflow.training import read_checkpoint
 from latticeflow.training.lineage import recipe_lineage as recipe_chain
 

@@ -54,7 +54,7 @@ import fcntl, importlib, json, os, signal, struct, sys, termios, time, traceback
 from latticeflow import cli
 for name in cli.COMMANDS:
     importlib.import_module("latticeflow.commands." + name)
-for name in ("latticeflow.measure", "latticeflow.plots", "latticeflow.script_support",
+for name in ("latticeflow.measure", "latticeflow.measure.plots", "latticeflow.script_support",
              "torch._dynamo"):  # torch._dynamo: imported by the first optimizer (~4 s)
     importlib.import_module(name)
 PARALLEL = 2

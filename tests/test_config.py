@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from latticeflow.base.errors import ConfigError
 from latticeflow.config import load_recipe, recipe_from_dict
-from latticeflow.errors import ConfigError
 from latticeflow.flows import DEFAULT_ARCHITECTURE
 
 REPO = Path(__file__).resolve().parent.parent

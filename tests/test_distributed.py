@@ -27,11 +27,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from latticeflow import cli
+from latticeflow.base.distributed import distributed_session, rank_seed, shard_path, split_rows
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import load_recipe
-from latticeflow.distributed import distributed_session, rank_seed, shard_path, split_rows
 from latticeflow.ensemble import EnsembleWriter, read_ensemble
 from latticeflow.ensemble.proposals import read_proposal_summary
-from latticeflow.errors import LatticeflowError
 from latticeflow.training import Trainer, open_trainer, read_checkpoint, read_metrics
 
 BATCH = 6  # per rank

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import latticeflow
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleWriter, read_ensemble, row_datasets
-from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.chain import load_resume_state, run_chain
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.theories import U1Wilson

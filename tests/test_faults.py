@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from latticeflow.base.locking import RUN_LOCK_NAME
 from latticeflow.ensemble import EnsembleReader, EnsembleWriter, read_ensemble
-from latticeflow.locking import RUN_LOCK_NAME
 from latticeflow.samplers.chain import run_chain
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.theories import Phi4, U1Wilson

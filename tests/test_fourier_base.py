@@ -160,8 +160,8 @@ def test_rejects_bad_arguments():
 def test_recipe_of_the_base_alone(tmp_path):
     # n_couplings = 0 is the Fourier base alone (its ablation row); without a trainable base the
     # flow would have nothing to train, and the recipe is refused.
+    from latticeflow.base.errors import ConfigError
     from latticeflow.config import load_recipe
-    from latticeflow.errors import ConfigError
 
     card = 'action = {theory = "phi4", m2 = -4.0, lam = 8.0}\nlattice = [8, 8]\n'
     path = tmp_path / "base.toml"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.special import iv
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.lattice import mod_2pi, plaquette
 from latticeflow.samplers.hmc import (
     INTEGRATORS,

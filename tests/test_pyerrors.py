@@ -1,4 +1,4 @@
-"""pyerrors interoperability (latticeflow.pyerrors_export, ``analysis/observables.py
+"""pyerrors interoperability (latticeflow.measure.pyerrors_export, ``analysis/observables.py
 --pyerrors``) and a cross-check of latticeflow's Γ-method against pyerrors' on the same series.
 
 Ensembles (4×4, a few seconds each): φ⁴ HMC runs with 2 chains and with 1 chain, and a
@@ -152,7 +152,7 @@ def test_refusals(nmcmc: Path, tmp_path: Path) -> None:
 
 def test_missing_pyerrors_is_a_clear_error(nmcmc: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
-    from latticeflow.pyerrors_export import PyerrorsMissing
+    from latticeflow.measure.pyerrors_export import PyerrorsMissing
 
     monkeypatch.setitem(sys.modules, "pyerrors", None)  # import pyerrors → ImportError
     with pytest.raises(PyerrorsMissing, match=r"latticeflow\[pyerrors\]"):

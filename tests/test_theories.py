@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from latticeflow.errors import ConfigError
+from latticeflow.base.errors import ConfigError
 from latticeflow.lattice import gauge_transform
 from latticeflow.theories import (
     Phi4,

@@ -24,9 +24,9 @@ from flow_helpers import FlowDensityAction, random_flow
 from scipy import stats
 
 from latticeflow import exact, thermodynamics
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import recipe_from_dict
 from latticeflow.ensemble import EnsembleWriter
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow, build_flow
 from latticeflow.lattice import plaquette
 from latticeflow.statistics import ess, jackknife

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from latticeflow import cli, estimators
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
-from latticeflow.errors import LatticeflowError
 from latticeflow.statistics import ess
 from latticeflow.training import (
     Trainer,

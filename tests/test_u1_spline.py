@@ -14,8 +14,8 @@ import pytest
 import torch
 from flow_helpers import random_flow, wrap_difference
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import recipe_from_dict
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows import DEFAULT_ARCHITECTURE, build_flow
 from latticeflow.flows.spline import (
     Knots,

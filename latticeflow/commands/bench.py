@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-from latticeflow.bench import (
+from latticeflow.base.device import select_device, select_dtype
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.ensemble.output import check_output_folder
+from latticeflow.estimators import ESTIMATORS
+from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
+from latticeflow.studies.bench import (
     CLASSIC_U1,
     SCALING_ESTIMATORS,
     as_records,
@@ -21,11 +26,6 @@ from latticeflow.bench import (
     plot_scaling,
     scaling_records,
 )
-from latticeflow.device import select_device, select_dtype
-from latticeflow.ensemble.output import check_output_folder
-from latticeflow.errors import LatticeflowError
-from latticeflow.estimators import ESTIMATORS
-from latticeflow.flows import DEFAULT_ARCHITECTURE, MASK_PERIOD
 
 log = logging.getLogger("latticeflow")
 

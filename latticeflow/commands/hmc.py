@@ -8,8 +8,8 @@ import math
 import textwrap
 from pathlib import Path
 
+from latticeflow.base.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.commands._chainfile import add_output_options
-from latticeflow.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.lattice import lattice_shape
 from latticeflow.samplers.hmc import INTEGRATORS
 from latticeflow.workflows.chainfile import OPTION_NAMES

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleReader
 from latticeflow.ensemble.proposals import ProposalSummary, read_proposal_summary
-from latticeflow.errors import LatticeflowError
 from latticeflow.training import CHECKPOINT_NAME, checkpoint_path, read_checkpoint
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")

@@ -9,10 +9,10 @@ import os
 import textwrap
 from pathlib import Path
 
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import run_dir_held
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.ensemble import EnsembleReader
-from latticeflow.errors import LatticeflowError
-from latticeflow.locking import run_dir_held
 from latticeflow.training import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -167,7 +167,7 @@ def analysis_stage(recipe: Recipe, run_dir: Path, ensemble: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latticeflow.distributed import torchrun_ranks
+    from latticeflow.base.distributed import torchrun_ranks
 
     if torchrun_ranks() is not None:
         raise LatticeflowError("'latticeflow run' is a single-process pipeline; under torchrun "

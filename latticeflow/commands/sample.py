@@ -14,10 +14,10 @@ import logging
 import textwrap
 from pathlib import Path
 
+from latticeflow.base.distributed import distributed_session, label_logs
+from latticeflow.base.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.commands._chainfile import add_output_options
 from latticeflow.commands.hmc import parse_lattice
-from latticeflow.distributed import distributed_session, label_logs
-from latticeflow.errors import EXIT_INTERRUPTED, EXIT_OK
 from latticeflow.training import checkpoint_path, load_checkpoint
 from latticeflow.workflows import ENSEMBLE_NAME
 from latticeflow.workflows.chainfile import OPTION_NAMES

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from latticeflow.base.distributed import distributed_session, label_logs
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import load_recipe
-from latticeflow.distributed import distributed_session, label_logs
-from latticeflow.errors import LatticeflowError
 from latticeflow.workflows.train import TrainSettings, train_run
 
 log = logging.getLogger("latticeflow")

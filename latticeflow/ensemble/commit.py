@@ -82,6 +82,7 @@ from typing import Any, Self
 import h5py
 import numpy as np
 
+from latticeflow.base.locking import FileLock
 from latticeflow.ensemble.layout import RESUME_GROUP, RESUME_SLOTS, EnsembleMetadata
 from latticeflow.ensemble.resume import other_slot, read_slot, valid_slot, write_slot
 from latticeflow.ensemble.storage import (
@@ -91,7 +92,6 @@ from latticeflow.ensemble.storage import (
     file_error,
     io_reason,
 )
-from latticeflow.locking import FileLock
 
 RESERVE_MARGIN = 64 << 10       # bytes reserved for a chunk's metadata
 

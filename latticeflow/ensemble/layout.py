@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 import latticeflow
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble.storage import file_error
-from latticeflow.errors import LatticeflowError
 
 FORMAT = "latticeflow-ensemble"
 FORMAT_VERSION = 1

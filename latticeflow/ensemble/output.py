@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import refuse_if_in_use
 from latticeflow.ensemble.layout import EnsembleMetadata
 from latticeflow.ensemble.reader import EnsembleReader
 from latticeflow.ensemble.writer import EnsembleWriter
-from latticeflow.errors import LatticeflowError
-from latticeflow.locking import refuse_if_in_use
 
 log = logging.getLogger("latticeflow")
 
@@ -43,7 +43,7 @@ def open_output(out: Path, resume: bool, force: bool, header: dict[str, Any], ch
     ``expected``: header fields (:class:`EnsembleMetadata` names) that a file to be resumed
     must match; they are checked read-only, before the file is opened for writing. A file that
     another latticeflow process is writing is refused first, whatever the mode
-    (:class:`~latticeflow.locking.InUseError`), and left untouched.
+    (:class:`~latticeflow.base.locking.InUseError`), and left untouched.
     """
     check_output_folder(out)
     if out.is_dir():

@@ -10,9 +10,9 @@ import os
 import h5py
 import numpy as np
 
+from latticeflow.base.locking import FileLock, lock_same_file
 from latticeflow.ensemble.layout import Ensemble, EnsembleMetadata, read_metadata
 from latticeflow.ensemble.storage import WRITING, file_error, file_key, open_h5
-from latticeflow.locking import FileLock, lock_same_file
 
 
 class EnsembleReader:

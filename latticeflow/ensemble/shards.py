@@ -25,10 +25,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble.layout import ROW_DTYPES, SHARDS_ATTR, EnsembleMetadata, root_attributes
 from latticeflow.ensemble.reader import EnsembleReader
 from latticeflow.ensemble.storage import file_error
-from latticeflow.errors import LatticeflowError
 
 #: Values HDF5 returns for rows of a joined file whose shard cannot be found.
 _VIRTUAL_FILL = {"b": False, "i": -1, "f": np.nan}

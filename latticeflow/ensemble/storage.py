@@ -2,19 +2,19 @@
 clobbering one, making renames durable, the errors of a failed write and the set of files this
 process writes.
 
-Locking (:mod:`latticeflow.locking`): a writer owns its file through an advisory ``fcntl`` lock
+Locking (:mod:`latticeflow.base.locking`): a writer owns its file through an advisory ``fcntl`` lock
 taken before anything is created, opened for writing or truncated, and held until it closes; a
-second writer (``--resume``, ``--force``) is refused with :class:`~latticeflow.locking.InUseError`
-naming the owner's pid. :meth:`EnsembleWriter.create` never truncates a file: it builds the new
-file under a temporary name next to it and then links it into place (or, with ``force``, renames
-it over the old one, which it owns first), so a reader that has the old file open keeps reading
-the old file. Each commit holds a second, exclusive lock; an :class:`EnsembleReader` holds it
-shared while it has the file open, so it opens and reads the file only between commits, when
-everything the writer changed has been flushed: a reader of a live file sees a consistent file
-with the ``n_complete`` rows committed when it opened it (reopen to see more), and a writer's
-commit waits while readers have the file open. (The writer also keeps HDF5's own file lock, so
-plain ``h5py.File(path)`` calls are refused while it writes; the reader opens with HDF5's locking
-off and relies on the commit lock instead.)
+second writer (``--resume``, ``--force``) is refused with
+:class:`~latticeflow.base.locking.InUseError` naming the owner's pid. :meth:`EnsembleWriter.create`
+never truncates a file: it builds the new file under a temporary name next to it and then links it
+into place (or, with ``force``, renames it over the old one, which it owns first), so a reader that
+has the old file open keeps reading the old file. Each commit holds a second, exclusive lock; an
+:class:`EnsembleReader` holds it shared while it has the file open, so it opens and reads the file
+only between commits, when everything the writer changed has been flushed: a reader of a live file
+sees a consistent file with the ``n_complete`` rows committed when it opened it (reopen to see
+more), and a writer's commit waits while readers have the file open. (The writer also keeps HDF5's
+own file lock, so plain ``h5py.File(path)`` calls are refused while it writes; the reader opens with
+HDF5's locking off and relies on the commit lock instead.)
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import h5py
 
-from latticeflow.errors import LatticeflowError
-from latticeflow.locking import InUseError
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import InUseError
 
 #: (st_dev, st_ino) of the files this process has open for writing.
 WRITING: set[tuple[int, int]] = set()

@@ -16,6 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import FileLock, own_file
 from latticeflow.ensemble.commit import DurableWriter, close_without_writing
 from latticeflow.ensemble.layout import (
     SAMPLERS,
@@ -28,8 +30,6 @@ from latticeflow.ensemble.layout import (
 from latticeflow.ensemble.recovery import DAMAGE, committed_copy, extend_allocation
 from latticeflow.ensemble.resume import check_slots
 from latticeflow.ensemble.storage import WRITING, file_error, file_key, io_reason, open_h5, publish
-from latticeflow.errors import LatticeflowError
-from latticeflow.locking import FileLock, own_file
 
 
 class EnsembleWriter(DurableWriter):
@@ -82,7 +82,7 @@ class EnsembleWriter(DurableWriter):
         ``compression`` of ``/configs`` is ``"gzip"``, ``"lzf"`` or None (faster to read for
         small configurations: one chunk per row costs ~30 µs per row when reading). An existing
         file is only replaced when ``force`` is true, and never while another latticeflow
-        process writes it (:class:`~latticeflow.locking.InUseError`). The file is built under a
+        process writes it (:class:`~latticeflow.base.locking.InUseError`). The file is built under a
         temporary name in the same folder and then put in place, so an existing file is never
         truncated (see "Locking" in :mod:`latticeflow.ensemble.storage`).
         """
@@ -164,7 +164,7 @@ class EnsembleWriter(DurableWriter):
         allocation raised to the end of the file, or else is replaced by a copy of its committed
         state.
 
-        Raises :class:`~latticeflow.locking.InUseError` (touching nothing) when another process
+        Raises :class:`~latticeflow.base.locking.InUseError` (touching nothing) when another process
         writes the file."""
         try:
             lock = own_file(path)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.flows.coupling import MaskedCoupling
 from latticeflow.flows.flow import Flow
 

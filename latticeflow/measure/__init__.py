@@ -15,7 +15,10 @@ What lives where
 * :mod:`~latticeflow.measure.exact_reference`: exact values where they are known;
 * :mod:`~latticeflow.measure.compare`: :func:`deviation`, :class:`Comparison`, :func:`compare`;
 * :mod:`~latticeflow.measure.analyse`: the driver :func:`analyse` with its file checks and
-  sampler diagnostics.
+  sampler diagnostics;
+* :mod:`~latticeflow.measure.plots` (the figures of an analysis, matplotlib) and
+  :mod:`~latticeflow.measure.pyerrors_export` (:func:`to_pyerrors`): imported on their own, not
+  by this package (``import latticeflow.measure`` does not load matplotlib).
 """
 
 from latticeflow.measure.analyse import PARETO_K_HEAVY, analyse

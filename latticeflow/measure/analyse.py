@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import Ensemble, EnsembleMetadata
 from latticeflow.ensemble.proposals import read_proposal_summary
-from latticeflow.errors import LatticeflowError
 from latticeflow.measure.estimates import gamma_observable
 from latticeflow.measure.exact_reference import exact_reference
 from latticeflow.measure.phi4 import _Phi4Analysis

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.measure.results import AnalysisResult
 
 log = logging.getLogger(__name__)

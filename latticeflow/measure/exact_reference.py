@@ -13,7 +13,7 @@ import torch
 
 from latticeflow import exact as exact_results
 from latticeflow import observables as obs
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.measure.results import ExactReference
 from latticeflow.theories import Phi4, Phi4Hopping, U1Wilson, action_from_table
 

@@ -29,8 +29,8 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import Ensemble, EnsembleMetadata, EnsembleReader
-from latticeflow.errors import LatticeflowError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from latticeflow import observables as obs
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.lattice import plaquette
 from latticeflow.measure.estimates import _copies, _jackknife_errors, gamma_observable
 from latticeflow.measure.results import ObservableResult, TopologyResult, WilsonResult

@@ -36,8 +36,8 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleWriter
-from latticeflow.errors import LatticeflowError
 
 
 class Sampler(Protocol):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.lattice import mod_2pi
 from latticeflow.theories import Action, action_from_table
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.flows.flow import Flow
 from latticeflow.samplers.proposals import ProposalStats
 from latticeflow.theories.base import Action

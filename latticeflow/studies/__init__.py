@@ -6,6 +6,8 @@
 * ``critical_slowing`` (+ ``critical_slowing_report``): tuned HMC against neural MCMC across L on
   the φ⁴ critical line, with HMC's dynamic exponent.
 * ``thermodynamics``: log Z, bounds and reweighting from a trained flow.
+* ``bench``: seconds and memory of training steps and sampling, and their scaling with L
+  (``latticeflow bench``).
 * The estimator study (``analysis/estimator_study.py``): ``estimators`` (what it measures, its
   configuration and measurements), ``estimator_runs`` (the round-robin races and
   ``run_study``) and ``estimator_report`` (summaries, tables, figures, JSON).

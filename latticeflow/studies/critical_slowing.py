@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
-from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.hmc import HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.studies import hmc_tuning

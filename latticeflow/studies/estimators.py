@@ -59,7 +59,7 @@ import torch
 from scipy.special import logsumexp
 from torch import Tensor
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
 from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
 from latticeflow.flows.samples import log_weight

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from latticeflow import exact
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.plaquette_prior import PlaquettePrior
 from latticeflow.flows.priors import Prior, UniformAnglePrior

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.studies.sampler_race import (
     MIN_TAU_LENGTHS,

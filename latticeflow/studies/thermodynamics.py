@@ -34,8 +34,8 @@ import torch
 from latticeflow import measure
 from latticeflow import script_support as ss
 from latticeflow import thermodynamics as thermo
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleReader, read_ensemble
-from latticeflow.errors import LatticeflowError
 from latticeflow.theories import Action, action_from_table
 from latticeflow.training import LoadedFlow, load_checkpoint
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latticeflow.errors import ConfigError
+from latticeflow.base.errors import ConfigError
+from latticeflow.base.toml_fields import Table, read_toml
 from latticeflow.theories.base import Action
 from latticeflow.theories.phi4 import Phi4, Phi4Hopping, hopping_to_standard, standard_to_hopping
 from latticeflow.theories.u1 import U1Wilson
-from latticeflow.toml_fields import Table, read_toml
 
 __all__ = ["Action", "Phi4", "Phi4Hopping", "U1Wilson", "hopping_to_standard",
            "standard_to_hopping", "action_from_table", "load_action_card"]

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 import latticeflow
+from latticeflow.base.device import select_device, select_dtype
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, recipe_from_dict
-from latticeflow.device import select_device, select_dtype
 from latticeflow.ensemble import sync_folder
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
 from latticeflow.theories import Action, action_from_table
 

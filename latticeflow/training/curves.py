@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.statistics import running_mean
 from latticeflow.training.metrics import read_metrics
 

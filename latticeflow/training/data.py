@@ -7,9 +7,9 @@ import logging
 
 import torch
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe
 from latticeflow.ensemble import read_ensemble
-from latticeflow.errors import LatticeflowError
 from latticeflow.theories import Action, action_from_table
 
 log = logging.getLogger("latticeflow")

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
-from latticeflow.errors import LatticeflowError
 from latticeflow.training.checkpoint import CHECKPOINT_NAME, read_checkpoint, refuse_other_recipe
 from latticeflow.training.rundir import open_trainer
 

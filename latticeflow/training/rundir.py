@@ -2,8 +2,8 @@
 
 An existing checkpoint is never replaced silently: ``--resume`` continues it, ``--force``
 deletes the run's checkpoint, metrics and plot first, ``--init-from`` starts a new run from
-another run's weights. The run directory is claimed (:mod:`latticeflow.locking`) before anything
-in it is read or deleted.
+another run's weights. The run directory is claimed (:mod:`latticeflow.base.locking`) before
+anything in it is read or deleted.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from latticeflow.base.distributed import DistributedContext, barrier
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import hold_run_dir, release_run_dir
 from latticeflow.config import Recipe
-from latticeflow.distributed import DistributedContext, barrier
-from latticeflow.errors import LatticeflowError
-from latticeflow.locking import hold_run_dir, release_run_dir
 from latticeflow.training.checkpoint import CHECKPOINT_NAME
 from latticeflow.training.metrics import METRICS_NAME, PLOT_NAME
 from latticeflow.training.trainer import Trainer

@@ -35,7 +35,7 @@ Conventions
 
 Data-parallel training (``torchrun --nproc_per_node=K -m latticeflow.cli train RECIPE``)
 --------------------------------------------------------------------------------------------
-With a :class:`~latticeflow.distributed.DistributedContext` the loss module (flow + estimator,
+With a :class:`~latticeflow.base.distributed.DistributedContext` the loss module (flow + estimator,
 :class:`TrainingLoss`) is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, so the
 gradient of every step is the average over the K ranks. ``training.batch_size`` is the batch
 *per rank*: the step's gradient is that of one batch of K·batch_size samples (each rank's
@@ -70,13 +70,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import latticeflow
+from latticeflow.base.device import select_device, select_dtype
+from latticeflow.base.distributed import DistributedContext, gather_objects, gather_rows
+from latticeflow.base.errors import LatticeflowError
+from latticeflow.base.locking import hold_run_dir, release_run_dir
 from latticeflow.config import Recipe
-from latticeflow.device import select_device, select_dtype
-from latticeflow.distributed import DistributedContext, gather_objects, gather_rows
-from latticeflow.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
 from latticeflow.flows.compile import compile_couplings
-from latticeflow.locking import hold_run_dir, release_run_dir
 from latticeflow.statistics import ess
 from latticeflow.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -395,7 +395,7 @@ class Trainer:
 
     def hold_run_dir(self) -> None:
         """Become the one process training in the run directory (created if missing), or raise
-        :class:`~latticeflow.locking.InUseError`; :meth:`train` lets go when it ends."""
+        :class:`~latticeflow.base.locking.InUseError`; :meth:`train` lets go when it ends."""
         hold_run_dir(self.run_dir)
         self._holds_run_dir = True
 

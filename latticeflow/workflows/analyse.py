@@ -44,7 +44,8 @@ class AnalyseRun:
 def analyse_run(ensemble: str | os.PathLike | Ensemble, settings: AnalyseSettings
                 ) -> AnalyseRun:
     """Analyse ``ensemble`` (a file or one in memory); see :class:`AnalyseSettings`."""
-    from latticeflow import measure, plots, script_support  # slow imports, needed only here
+    from latticeflow import measure, script_support  # slow imports, needed only here
+    from latticeflow.measure import plots
 
     s = settings
     result = measure.analyse(ensemble, s.thermalization, wilson_max=s.wilson_max)

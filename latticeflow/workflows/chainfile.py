@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import EnsembleWriter
 from latticeflow.ensemble.output import check_seed, open_output
-from latticeflow.errors import LatticeflowError
 from latticeflow.samplers.chain import ChainResult, Sampler, load_resume_state, run_chain
 
 log = logging.getLogger("latticeflow")

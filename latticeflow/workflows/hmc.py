@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latticeflow.device import select_device
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.device import select_device
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.samplers.hmc import HMCConfig, HMCSampler
 from latticeflow.theories import Action, load_action_card
 from latticeflow.workflows.chainfile import (

@@ -1,10 +1,10 @@
 """Neural MCMC with a trained flow into an ensemble file: :func:`sample_run`.
 
-Sharded generation (a :class:`~latticeflow.distributed.DistributedContext`, under ``torchrun``):
-every rank runs its own chains (``chains`` per rank) into its own shard ``FILE.rank<r>.h5``
-(:func:`latticeflow.distributed.shard_path`) with its own seed
-(:func:`latticeflow.distributed.rank_seed`; rank 0 keeps ``seed``), the ``n`` rows split evenly
-over the ranks. Rows carry global chain indices (chain c of rank r is r·C + c in ``/chain``).
+Sharded generation (a :class:`~latticeflow.base.distributed.DistributedContext`, under
+``torchrun``): every rank runs its own chains (``chains`` per rank) into its own shard
+``FILE.rank<r>.h5`` (:func:`latticeflow.base.distributed.shard_path`) with its own seed
+(:func:`latticeflow.base.distributed.rank_seed`; rank 0 keeps ``seed``), the ``n`` rows split
+evenly over the ranks. Rows carry global chain indices (chain c of rank r is r·C + c in ``/chain``).
 When every rank is done, rank 0 joins the shards into ``FILE.h5`` with HDF5 virtual datasets
 (:func:`latticeflow.ensemble.join_shards`); resuming resumes every shard and joins again.
 
@@ -23,8 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from latticeflow.device import select_dtype
-from latticeflow.distributed import (
+from latticeflow.base.device import select_dtype
+from latticeflow.base.distributed import (
     DistributedContext,
     barrier,
     gather_objects,
@@ -32,8 +32,8 @@ from latticeflow.distributed import (
     shard_path,
     split_rows,
 )
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import SHARDS_ATTR, join_shards
-from latticeflow.errors import LatticeflowError
 from latticeflow.flows import Flow
 from latticeflow.flows.compile import compile_forward
 from latticeflow.samplers.nmcmc import FlowMetropolis, NonFiniteProposals

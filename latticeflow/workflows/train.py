@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latticeflow.base.distributed import DistributedContext
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe
-from latticeflow.distributed import DistributedContext
-from latticeflow.errors import LatticeflowError
 from latticeflow.training import TrainingResult, open_trainer, train_ancestors
 
 log = logging.getLogger("latticeflow")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from latticeflow.device import select_device
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.device import select_device
+from latticeflow.base.errors import LatticeflowError
 
 log = logging.getLogger("latticeflow")
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 
 log = logging.getLogger("latticeflow")
 

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from latticeflow.errors import ConfigError
+from latticeflow.base.errors import ConfigError
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

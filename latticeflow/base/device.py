@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from latticeflow.errors import LatticeflowError
+from latticeflow.base.errors import LatticeflowError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 import latticeflow
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.ensemble import Ensemble, EnsembleMetadata, EnsembleReader
-from latticeflow.errors import LatticeflowError
 from latticeflow.measure import AnalysisResult, analyse
 
 #: fewest samples pyerrors accepts per replica
