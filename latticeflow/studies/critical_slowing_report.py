@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from latticeflow.studies.critical_slowing import SAMPLERS, SizePoint, SlowingSettings
+from latticeflow.studies.sampler_race import format_estimate as fmt
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,6 @@ def records(points: Sequence[SizePoint], settings: SlowingSettings) -> dict[str,
             "fits": {k: (vars(v) if v else None) for k, v in fits.items()}, "points": out}
 
 
-def _fmt(value: float, error: float | None = None) -> str:
-    if not math.isfinite(value):
-        return "—"
-    if error is None or not math.isfinite(error) or error <= 0:
-        return f"{value:.4g}"
-    return f"{value:.4g} ± {error:.2g}"
-
-
 def _z(fit: ExponentFit | None) -> str:
     return "—" if fit is None else f"{fit.z:.2f} ± {fit.z_error:.2f}"
 
@@ -118,11 +111,11 @@ def markdown_table(points: Sequence[SizePoint]) -> str:
             even = ("never" if math.isinf(p.break_even) else f"{p.break_even:.3g}") if nm else ""
             lines.append(
                 f"| {p.L} | {name} | {r.chains} | {r.rows} | {r.wall_s:.3g} "
-                f"| {r.acceptance:.3f} | {_fmt(r.abs_m.value, r.abs_m.error)} "
-                f"| {p.pull(name, 'abs_m'):+.1f} | {_fmt(r.chi2.value, r.chi2.error)} "
+                f"| {r.acceptance:.3f} | {fmt(r.abs_m.value, r.abs_m.error)} "
+                f"| {p.pull(name, 'abs_m'):+.1f} | {fmt(r.chi2.value, r.chi2.error)} "
                 f"| {p.pull(name, 'chi2'):+.1f} "
-                f"| {b1}{_fmt(r.abs_m.tau_int, r.abs_m.tau_int_error)} "
-                f"| {b2}{_fmt(r.m2.tau_int, r.m2.tau_int_error)} | {b2}{r.cost_chi2:.3g} "
+                f"| {b1}{fmt(r.abs_m.tau_int, r.abs_m.tau_int_error)} "
+                f"| {b2}{fmt(r.m2.tau_int, r.m2.tau_int_error)} | {b2}{r.cost_chi2:.3g} "
                 f"| {ratio} | {train} | {even} |")
     lines += ["", f"Dynamic exponent of HMC, τ_int(m²) ∝ L^z: z = {_z(fits['hmc'])} in "
               f"trajectories, {_z(fits['hmc_md_time'])} in molecular-dynamics time. HMC "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from latticeflow.studies.freezing import LABELS, SAMPLERS, BetaPoint, speedup
+from latticeflow.studies.sampler_race import format_estimate as fmt
 
 
 def _finite(value: float) -> float | None:
@@ -37,14 +38,6 @@ def records(points: Sequence[BetaPoint]) -> list[dict[str, Any]]:
                         "break_even_independent_q2": None if baseline
                         else _finite(point.break_even(name))})
     return out
-
-
-def _fmt(value: float, error: float | None = None) -> str:
-    if not math.isfinite(value):
-        return "—"
-    if error is None or not math.isfinite(error) or error <= 0:
-        return f"{value:.4g}"
-    return f"{value:.4g} ± {error:.2g}"
 
 
 def _training(seconds: float | None) -> str:
@@ -74,8 +67,8 @@ def markdown_table(points: Sequence[BetaPoint], lattice: tuple[int, int]) -> str
                 even = "never" if math.isinf(n_star) else f"{loose}{n_star:.3g}"
             lines.append(
                 f"| {r.beta:g} | {name} | {LABELS[name]} | {r.rows} | {r.chains} | {r.wall_s:.0f} "
-                f"| {r.acceptance:.3f} | {_fmt(r.chi_t, r.chi_t_error)} | {r.chi_t_exact:.4g} "
-                f"| {r.pull:+.1f} | {bound}{_fmt(r.tau_int, r.tau_int_error)} "
+                f"| {r.acceptance:.3f} | {fmt(r.chi_t, r.chi_t_error)} | {r.chi_t_exact:.4g} "
+                f"| {r.pull:+.1f} | {bound}{fmt(r.tau_int, r.tau_int_error)} "
                 f"| {bound}{r.cost_per_independent_s:.3g} | {ratio} "
                 f"| {_training(r.training_s)} / {_training(r.training_chain_s)} | {even} "
                 f"| {'yes' if r.reliable else 'no'} |")

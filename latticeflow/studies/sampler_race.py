@@ -172,5 +172,16 @@ def training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[float, floa
     return own, chain
 
 
+def format_estimate(value: float, error: float | None = None) -> str:
+    """``value ± error`` (4 and 2 significant digits), ``value`` without a positive finite
+    error, "—" for a non-finite value: the studies' table cells."""
+    if not math.isfinite(value):
+        return "—"
+    if error is None or not math.isfinite(error) or error <= 0:
+        return f"{value:.4g}"
+    return f"{value:.4g} ± {error:.2g}"
+
+
 __all__ = ["Estimate", "HMCBlocks", "MIN_TAU_LENGTHS", "Measure", "NMCMCBlocks", "break_even",
-           "cost_per_independent", "estimate", "is_reliable", "run_for", "training_seconds"]
+           "cost_per_independent", "estimate", "format_estimate", "is_reliable", "run_for",
+           "training_seconds"]
