@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import latticeflow as lf
 from latticeflow import script_support as ss
 from latticeflow.base.errors import LatticeflowError
-from latticeflow.statistics import ess
+from latticeflow.flows.samples import fresh_ess
 from latticeflow.training import CHECKPOINT_NAME
 from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint
 
@@ -67,16 +65,11 @@ def run(args: argparse.Namespace) -> int:
     for path in args.runs:
         flow = lf.load_flow(path, lattice=None if args.lattice is None
                             else f"{args.lattice}x{args.lattice}")
-        generator = torch.Generator().manual_seed(args.seed)
-        log_w, started = [], time.perf_counter()
-        with torch.no_grad():
-            for start in range(0, args.n, args.batch):
-                x, log_q = flow.flow.sample(min(args.batch, args.n - start), generator=generator)
-                log_w.append((-flow.action(x).double() - log_q.double()).cpu().numpy())
-        seconds = time.perf_counter() - started
+        value, seconds = fresh_ess(flow.flow, flow.action, args.n, args.batch,
+                                   torch.Generator().manual_seed(args.seed))
         own, lineage = training_seconds(path)
         row = {"run": str(path), "lattice": list(flow.lattice), "step": flow.step,
-               "n": args.n, "ess": ess(np.concatenate(log_w)), "sampling_s": seconds,
+               "n": args.n, "ess": value, "sampling_s": seconds,
                "training_s": own, "lineage_training_s": lineage}
         rows.append(row)
         print(f"{path}: ESS {row['ess']:.4f} on {args.n} fresh samples ({seconds:.0f} s), "

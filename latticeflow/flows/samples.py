@@ -8,11 +8,13 @@ API's samples, thermodynamics, the estimator study, the sampler's proposal stati
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from latticeflow.statistics import ess
@@ -55,4 +57,16 @@ class FlowSamples:
         return iter((self.x, self.log_q, self.action))
 
 
-__all__ = ["FlowSamples", "log_weight"]
+@torch.no_grad()
+def fresh_ess(flow: Any, action: Callable[[Tensor], Tensor], n: int, batch: int,
+              generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(ESS, seconds) of ``n`` fresh independent draws of ``flow`` (a
+    :class:`~latticeflow.flows.Flow`) against ``action``, drawn in batches of ``batch``."""
+    log_w, started = [], time.perf_counter()
+    for start in range(0, n, batch):
+        x, log_q = flow.sample(min(batch, n - start), generator=generator)
+        log_w.append(log_weight(action(x).double(), log_q.double()).cpu().numpy())
+    return ess(np.concatenate(log_w)), time.perf_counter() - started
+
+
+__all__ = ["FlowSamples", "fresh_ess", "log_weight"]

@@ -15,12 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from latticeflow.estimators import get_estimator
 from latticeflow.flows import build_flow
-from latticeflow.statistics import ess
+from latticeflow.flows.samples import fresh_ess
 from latticeflow.theories import Action
 
 
@@ -87,18 +86,6 @@ def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
     return flow, steps, time.perf_counter() - started, sum(recent) / len(recent)
 
 
-@torch.no_grad()
-def fresh_ess(flow: torch.nn.Module, action: Action, n: int, batch: int, seed: int
-              ) -> tuple[float, float]:
-    """(ESS, seconds) on ``n`` fresh samples drawn in batches with a seeded generator."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    log_w, started = [], time.perf_counter()
-    for start in range(0, n, batch):
-        x, log_q = flow.sample(min(batch, n - start), generator=generator)
-        log_w.append((-action(x).double() - log_q.double()).numpy())
-    return ess(np.concatenate(log_w)), time.perf_counter() - started
-
-
 def run_ablation(variants: list[Variant], action: Action, lattice: tuple[int, ...],
                  settings: AblationSettings, log=print) -> list[AblationRow]:
     """Every variant in turn (one at a time, so that they share the machine equally)."""
@@ -106,7 +93,7 @@ def run_ablation(variants: list[Variant], action: Action, lattice: tuple[int, ..
     for variant in variants:
         flow, steps, seconds, objective = train_for(variant, action, lattice, settings)
         value, ess_s = fresh_ess(flow, action, settings.n_fresh, settings.fresh_batch,
-                                 settings.seed)
+                                 torch.Generator().manual_seed(settings.seed + 1))
         row = AblationRow(variant.label, variant.architecture, variant.estimator,
                           sum(p.numel() for p in flow.parameters()), steps, seconds,
                           seconds / max(steps, 1), objective, value, ess_s)
