@@ -91,10 +91,7 @@ def measure_pole_mass(m2: float, lam: float, L: int, *, trajectories: int, n_cha
     rows = []
     with torch.no_grad():
         for _ in range(trajectories):
-            sampler.trajectory(sampler.step_size, sampler.n_steps)
-            sampler.n_trajectories += 1
-            sampler.n_accepted += int(sampler._last_accepted.sum())
-            x = sampler.configs
+            x = torch.from_numpy(sampler.advance(n_chains)["configs"])  # one sweep
             m = magnetization(x)
             rows.append(torch.cat([m.mean()[None], zero_momentum_correlator_per_config(x)
                                    .mean(0), (m * m).mean()[None]]).double().cpu().numpy())
