@@ -119,7 +119,7 @@ class TrainedFlow(LoadedFlow):
             raise LatticeflowError(f"sample: n must be a positive integer, got {n!r}")
         generator = None
         if seed is not None:
-            device = next(self.flow.parameters()).device
+            device = self.flow.device
             generator = torch.Generator(device=device).manual_seed(int(seed))
         x, log_q = self.flow.sample(n, generator=generator)
         return FlowSamples(x, log_q.double(), self.action(x).double())

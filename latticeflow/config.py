@@ -23,9 +23,10 @@ Top level:
              the action parameters may differ.
 
 ``[flow]`` overrides keys of ``flows.DEFAULT_ARCHITECTURE[theory]``:
-``n_couplings`` int >= 1 (0 for the φ⁴ Fourier base alone); ``hidden`` list of ints >= 1
-(channels of the hidden convolutions; may be empty); ``kernel_size`` odd int >= 1, at most the
-smallest lattice extent; ``activation`` one of ``flows.conditioner.ACTIVATIONS``;
+``n_couplings`` int >= 1 (0: the base alone, for the φ⁴ Fourier base, trainable, and the
+U(1) plaquette prior, which has nothing to train: ``[training] steps = 0``); ``hidden`` list of
+ints >= 1 (channels of the hidden convolutions; may be empty); ``kernel_size`` odd int >= 1, at
+most the smallest lattice extent; ``activation`` one of ``flows.conditioner.ACTIVATIONS``;
 ``transform`` (the couplings' elementwise map; its choices depend on the theory, see below)
 with ``n_bins`` int >= 2 (8, the spline's bins).
 U(1) only (rejected for φ⁴): ``transform``: ``"ncp"`` (default: mixtures of tan-transforms,
@@ -60,6 +61,10 @@ precision polynomial's terms, 3). A map's own size key (``n_mixture``, ``n_bins`
 ``reverse_weight`` float in [0, 1], default 0, forward estimators only: the loss is
                    (1 − w)·forward + w·(reverse-fastpath term on base noise).
 ``max_bad_steps``  int >= 1, default 20: consecutive non-finite steps before training gives up.
+``init_floor``     bool, default true: a run started from another run's weights (``init_from``)
+                   starts from them only when their ESS (on ``ess_batch`` fresh samples) is at
+                   least that of this recipe's own fresh start (zero couplings: the base alone);
+                   otherwise it starts fresh and logs why. False: always inherit.
 ``compile``        bool, default false: compile the couplings' conditioners and elementwise maps
                    with ``torch.compile`` (:mod:`latticeflow.flows.compile`); the same numbers
                    to float round-off, checkpoints unchanged. ``latticeflow train --compile``.
@@ -124,6 +129,7 @@ class TrainingConfig:
     data: Path | None = None
     reverse_weight: float = 0.0
     max_bad_steps: int = 20
+    init_floor: bool = True
     compile: bool = False
 
     @property
@@ -260,6 +266,10 @@ def _parse(data: dict[str, Any], source: str, base_dir: Path | None, *,
     init_from = _init_from(top, base_dir, source)
     architecture = _architecture(top.sub("flow"), action.theory, lattice)
     training = _training(top.sub("training"), base_dir, check_data)
+    if architecture["n_couplings"] == 0 and architecture.get("prior") == "plaquette" and (
+            training.steps):
+        raise ConfigError(source, "training.steps", "must be 0: the plaquette prior alone "
+                                                    "([flow] n_couplings = 0) has nothing to train")
     sampling = _sampling(top.sub("sampling"), seed)
     analysis = _analysis(top.sub("analysis"), sampling)
     top.finish()
@@ -343,9 +353,10 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
         arch["spline_bound"] = table.number("spline_bound", defaults["spline_bound"],
                                           low=0.0, low_open=True)
-    if arch["n_couplings"] == 0 and arch.get("base") != "fourier":
-        raise table.error("n_couplings", "0 (a base without couplings) needs the trainable "
-                                         'phi4 base = "fourier"')
+    if arch["n_couplings"] == 0 and arch.get("base") != "fourier" and arch.get("prior") != (
+            "plaquette"):
+        raise table.error("n_couplings", "0 (a base without couplings) needs the phi4 base = "
+                                         '"fourier" or the u1 prior = "plaquette"')
     table.finish()
     return arch
 
@@ -373,6 +384,7 @@ def _training(table: Table, base_dir: Path | None, check_data: bool) -> Training
         "checkpoint_interval": _positive(table, "checkpoint_interval", d.checkpoint_interval),
         "reverse_weight": table.number("reverse_weight", d.reverse_weight, low=0.0, high=1.0),
         "max_bad_steps": _positive(table, "max_bad_steps", d.max_bad_steps),
+        "init_floor": table.get("init_floor", bool, d.init_floor),
         "compile": table.get("compile", bool, d.compile),
     }
     data = table.get("data", str, None)

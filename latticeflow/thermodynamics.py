@@ -120,13 +120,11 @@ def log_weights_on(flow: Flow, action: Action, configs: ArrayLike | Tensor, *,
                    batch_size: int = 1024) -> np.ndarray:
     """log w = −S(x) − log q(x) on given configurations ``(N, *field_shape)`` (e.g. an HMC
     ensemble), with q from the flow's inverse, in batches without a graph."""
-    reference = next(flow.parameters())
     configs = torch.as_tensor(configs)
     parts = []
     with torch.no_grad():
         for start in range(0, len(configs), batch_size):
-            x = configs[start:start + batch_size].to(device=reference.device,
-                                                     dtype=reference.dtype)
+            x = configs[start:start + batch_size].to(device=flow.device, dtype=flow.dtype)
             parts.append(_numpy(log_weight(action(x), flow.log_prob(x))))
     return np.concatenate(parts) if parts else np.zeros(0)
 

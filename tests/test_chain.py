@@ -12,19 +12,20 @@ import torch
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.cli import main
 from latticeflow.config import load_recipe
-from latticeflow.training import read_checkpoint
+from latticeflow.training import Trainer, read_checkpoint
 from latticeflow.training.lineage import recipe_lineage as recipe_chain
 
 FLOW = "[flow]\nn_couplings = 2\nn_mixture = 2\nhidden = [2]\n"
 
 
 def _recipe(beta: float, *, steps: int, init_from: str | None = None, theory: str = "u1",
-            lattice: str = "[4, 4]", flow: str = FLOW) -> str:
+            lattice: str = "[4, 4]", flow: str = FLOW, floor: bool = False) -> str:
     action = (f'action = {{theory = "u1", beta = {beta}}}' if theory == "u1"
               else 'action = {theory = "phi4", m2 = -4.0, lam = 8.0}')
     chain = "" if init_from is None else f'init_from = "{init_from}"\n'
     return (f"{action}\nlattice = {lattice}\ndtype = \"float64\"\ndevice = \"cpu\"\n{chain}"
             f"{flow}[training]\nsteps = {steps}\nbatch_size = 8\ness_batch = 16\n"
+            f"init_floor = {str(floor).lower()}\n"
             f"ess_interval = 1\n[sampling]\nn = 20\nbatch_size = 16\nchunk = 10\n")
 
 
@@ -105,3 +106,59 @@ def test_init_from_must_name_an_existing_other_recipe(tmp_path: Path):
     (tmp_path / "self.toml").write_text(_recipe(1.0, steps=1, init_from="self.toml"))
     with pytest.raises(LatticeflowError, match="itself"):
         load_recipe(tmp_path / "self.toml")
+
+
+# ------------------------------------------------------------------------------ the floor
+def _spoil(checkpoint: Path) -> None:
+    """Add large noise to every weight of a checkpoint: a flow far worse than its prior."""
+    state = torch.load(checkpoint, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 3.0 * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+                      for k, v in state["model"].items()}
+    torch.save(state, checkpoint)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / "checkpoint.pt")[0]["model"]
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_the_floor_starts_fresh_from_a_parent_worse_than_the_prior(tmp_path: Path, floor: bool):
+    """A parent spoiled far below the plaquette prior: with the floor the link starts from its
+    own fresh start (the weights of the same recipe without init_from), without it from the
+    spoiled weights."""
+    flow = FLOW + 'prior = "plaquette"\n'
+    (tmp_path / "parent.toml").write_text(_recipe(3.0, steps=0, flow=flow))
+    (tmp_path / "alone.toml").write_text(_recipe(3.0, steps=0, flow=flow))
+    child = _recipe(3.0, steps=0, init_from="parent.toml", flow=flow, floor=floor)
+    (tmp_path / "child.toml").write_text(child.replace("ess_batch = 16", "ess_batch = 512"))
+    assert main(["-q", "train", str(tmp_path / "parent.toml")]) == 0
+    _spoil(tmp_path / "parent" / "checkpoint.pt")
+    assert main(["-q", "train", str(tmp_path / "alone.toml")]) == 0
+    assert main(["-q", "train", str(tmp_path / "child.toml")]) == 0
+    child = _weights(tmp_path / "child")
+    expected = _weights(tmp_path / ("alone" if floor else "parent"))
+    assert all(torch.equal(child[k], v) for k, v in expected.items())
+    state = read_checkpoint(tmp_path / "child" / "checkpoint.pt")[0]
+    assert (state["ess"] > 0.5) == floor    # the prior's ESS at β = 3 on 4×4 is ≈ 0.9
+
+
+def test_the_floor_keeps_the_better_of_two_starts(tmp_path: Path):
+    """Trainer.apply_init_floor against spoiled weights, both ways round: the plaquette-prior
+    start (zero couplings, ESS ≈ 0.9 at β = 3 on 4×4) beats the spoiled one and is kept whether
+    it is the inherited or the fresh one."""
+    flow = FLOW + 'prior = "plaquette"\n'
+    path = tmp_path / "r.toml"
+    path.write_text(_recipe(3.0, steps=0, flow=flow).replace("ess_batch = 16", "ess_batch = 512"))
+    trainer = Trainer(load_recipe(path), tmp_path / "r")
+    prior = {k: v.clone() for k, v in trainer.flow.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    spoiled = {k: v + 3.0 * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+               for k, v in prior.items()}
+    assert trainer.apply_init_floor(spoiled)              # the inherited prior start stays
+    assert all(torch.equal(v, prior[k]) for k, v in trainer.flow.state_dict().items())
+    prior_ess = trainer.last_ess
+    trainer.flow.load_state_dict(spoiled)
+    assert not trainer.apply_init_floor(prior)            # the spoiled inherited one goes
+    assert all(torch.equal(v, prior[k]) for k, v in trainer.flow.state_dict().items())
+    assert trainer.last_ess == prior_ess > 0.5

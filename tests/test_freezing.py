@@ -154,15 +154,18 @@ def test_exact_sampler_row_agrees_with_exact_chi_t():
     assert abs(r.tau_int - 0.5) < 0.1 and r.reliable       # independent draws, but measured
 
 
-def test_prior_row_uses_the_plaquette_prior_alone():
+def test_a_flow_without_couplings_is_its_prior():
+    """Row (c)'s proposal: Flow(prior, []) samples the prior in the dtype ``.to()`` gave it."""
     import torch
 
+    from latticeflow.flows.flow import Flow
     from latticeflow.flows.plaquette_prior import PlaquettePrior
 
     prior = PlaquettePrior((4, 4), 2.0)
-    flow = freezing.PriorFlow(prior)
+    flow = Flow(prior, []).to(torch.float64)
     x, log_q = flow.sample(8, generator=torch.Generator().manual_seed(0))
-    assert x.shape == (8, 2, 4, 4) and not any(p.requires_grad for p in flow.parameters())
+    assert x.shape == (8, 2, 4, 4) and x.dtype == flow.dtype == torch.float64
+    assert list(flow.parameters()) == [] and "anchor" not in flow.state_dict()
     torch.testing.assert_close(log_q, prior.log_prob(x))
 
 

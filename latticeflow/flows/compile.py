@@ -66,7 +66,7 @@ def compile_forward(flow: Flow, batch: int, backend: str = "inductor") -> None:
     batch. Raises :class:`LatticeflowError` when compiling is not possible here."""
     _require_compile("--compile")
     flow.compile(backend=backend, dynamic=False)
-    device = next(flow.parameters()).device
+    device = flow.device
     try:
         with torch.no_grad():
             flow.sample(batch, generator=torch.Generator(device=device).manual_seed(0))

@@ -19,24 +19,33 @@ from latticeflow.flows.priors import Prior
 class Flow(nn.Module):
     """Flow over fields of shape ``prior.field_shape``; batches are ``(batch, *field_shape)``.
 
-    ``couplings``: the layers in sampling order (the name is kept for checkpoint keys).
+    ``couplings``: the layers in sampling order (the name is kept for checkpoint keys); may be
+    empty (the base alone, e.g. the U(1) plaquette prior). :attr:`device` and :attr:`dtype`
+    follow ``.to()`` through a scalar buffer that is not saved, so they exist without parameters.
     """
 
     def __init__(self, prior: Prior, couplings: list[nn.Module]):
         super().__init__()
         self.prior = prior
         self.couplings = nn.ModuleList(couplings)
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the flow samples on."""
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the flow samples in."""
+        return self.anchor.dtype
 
     @property
     def field_shape(self) -> tuple[int, ...]:
         return self.prior.field_shape
 
-    def _reference(self) -> Tensor:
-        return next(self.parameters())
-
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        ref = self._reference()
-        return self.prior.sample(n, device=ref.device, dtype=ref.dtype, generator=generator)
+        return self.prior.sample(n, device=self.device, dtype=self.dtype, generator=generator)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """x = T(z) and log q(x)."""

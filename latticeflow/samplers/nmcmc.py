@@ -82,8 +82,7 @@ class FlowMetropolis:
             raise ValueError("batch_size and n_chains must be >= 1")
         self.flow, self.action = flow.eval(), action
         self.batch_size, self.n_chains, self.store_dtype = batch_size, n_chains, store_dtype
-        ref = next(flow.parameters())
-        self.device, self.dtype = ref.device, ref.dtype
+        self.device, self.dtype = flow.device, flow.dtype
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         self.rows_emitted = 0

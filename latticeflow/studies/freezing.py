@@ -44,14 +44,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from latticeflow import exact
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.plaquette_prior import PlaquettePrior
-from latticeflow.flows.priors import Prior, UniformAnglePrior
+from latticeflow.flows.priors import UniformAnglePrior
 from latticeflow.observables import topological_charge
 from latticeflow.samplers.exact_u1 import expected_acceptance, sample_exact_u1
 from latticeflow.samplers.nmcmc import FlowMetropolis
@@ -275,15 +274,6 @@ def draw_exact(point: LadderInput, settings: FreezingSettings) -> Draw:
     return q, spent, 0.0, expected_acceptance(point.beta, point.lattice)
 
 
-class PriorFlow(Flow):
-    """A flow with no couplings: its samples and density are those of ``prior``. ``anchor``
-    (a frozen scalar) only fixes the device and dtype the samplers read from the parameters."""
-
-    def __init__(self, prior: Prior, dtype: torch.dtype = torch.float32):
-        super().__init__(prior, [])
-        self.anchor = nn.Parameter(torch.zeros((), dtype=dtype), requires_grad=False)
-
-
 def _metropolis(flow: Flow, point: LadderInput, settings: FreezingSettings, label: str) -> Draw:
     started = time.perf_counter()
     sampler = FlowMetropolis(flow, point.flows["nmcmc"].recipe.action(), seed=settings.seed,
@@ -301,7 +291,7 @@ def draw_prior(point: LadderInput, settings: FreezingSettings) -> Draw:
     shape = (2, *point.lattice)
     prior = (PlaquettePrior(point.lattice, point.beta) if point.beta > 0
              else UniformAnglePrior(shape))
-    return _metropolis(PriorFlow(prior), point, settings, "prior")
+    return _metropolis(Flow(prior, []), point, settings, "prior")
 
 
 def draw_flow(trained: TrainedFlow, point: LadderInput, settings: FreezingSettings,
@@ -367,7 +357,7 @@ def speedup(point: BetaPoint, sampler: str = "nmcmc") -> float:
             / point.results[sampler].cost_per_independent_s)
 
 
-__all__ = ["BetaPoint", "FreezingSettings", "LABELS", "LadderInput", "PriorFlow", "SAMPLERS",
+__all__ = ["BetaPoint", "FreezingSettings", "LABELS", "LadderInput", "SAMPLERS",
            "SamplerResult", "TrainedFlow", "charges_of", "check_trained", "draw_exact",
            "draw_flow", "draw_hmc", "draw_prior", "ladder_inputs", "ladder_recipes", "measure",
            "run_freezing_study", "run_point", "speedup"]

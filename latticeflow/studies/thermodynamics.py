@@ -167,7 +167,7 @@ def compute(settings: ThermodynamicsSettings) -> dict[str, Any]:
               if ensemble_path is not None else None)
     measurements = {**thermo.observables_for(action.theory),
                     **{f"action[{i}]": target for i, target in enumerate(shifted)}}
-    device = next(loaded.flow.parameters()).device
+    device = loaded.flow.device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     samples = thermo.sample_flow(loaded.flow, action, settings.n, batch_size=settings.batch_size,
                                  generator=generator, measurements=measurements)

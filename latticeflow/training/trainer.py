@@ -176,12 +176,14 @@ class Trainer:
                      if self.config.direction == "forward" else None)
         loss = TrainingLoss(self.flow, self.action, self.estimator, self.reverse_term,
                             self.config.reverse_weight)
-        # Masks are the only buffers and never change: no per-step buffer broadcast.
-        self.model: nn.Module = loss if distributed is None else DistributedDataParallel(
-            loss, device_ids=[self.device] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False)
+        # The buffers (masks, the device anchor) never change: no per-step buffer broadcast.
+        # A flow without parameters (the base alone, trained for 0 steps) needs no DDP.
+        parameters = list(self.flow.parameters())
+        self.model: nn.Module = loss if distributed is None or not parameters else (
+            DistributedDataParallel(loss, device_ids=[self.device] if self.device.type == "cuda"
+                                    else None, forward_sync_buffers=False))
         optimizer = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer(self.flow.parameters(), lr=self.config.lr,
+        self.optimizer = optimizer([{"params": parameters}], lr=self.config.lr,
                                    weight_decay=self.config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda index: lr_factor(index, self.config))
@@ -224,15 +226,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def init_from(self, path: str | os.PathLike) -> None:
-        """Start from the weights of another run (same theory and architecture; any lattice)."""
+        """Start from the weights of another run (same theory and architecture; any lattice),
+        unless the floor (``training.init_floor``) finds this recipe's own start better."""
         path = checkpoint_path(path)
         state, _ = read_checkpoint(path)
         check_init_from(state, self.recipe, path)
+        fresh = {k: v.clone() for k, v in self.flow.state_dict().items()}
         load_weights(self.flow, state["model"], path)
         if state["action"] != dict(self.recipe.action_card):
             log.info("initialising from a flow trained for %s", state["action"])
+        if self.config.init_floor and not self.apply_init_floor(fresh):
+            return
         log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
                  state["lattice"])
+
+    def apply_init_floor(self, fresh: dict[str, Tensor]) -> bool:
+        """The floor (``training.init_floor``): keep the inherited weights when their ESS is at
+        least that of ``fresh`` (this recipe's own start), else load ``fresh``. Both ESS come
+        from the same ``ess_batch`` fresh-sample stream; under DDP rank 0's decision holds."""
+        inherited = {k: v.clone() for k, v in self.flow.state_dict().items()}
+        inherited_ess = self.measure_ess()
+        self.flow.load_state_dict(fresh)
+        fresh_ess = self.measure_ess()
+        keep = math.isnan(fresh_ess) or inherited_ess >= fresh_ess
+        if self.distributed is not None:
+            keep = gather_objects(keep)[0]
+        if keep:
+            self.flow.load_state_dict(inherited)
+            self.last_ess = inherited_ess
+            log.info("inherited ESS %.4f ≥ fresh-start ESS %.4f: starting from the inherited "
+                     "weights", inherited_ess, fresh_ess)
+        else:
+            log.info("inherited ESS %.4f < fresh-start ESS %.4f: starting fresh (the floor, "
+                     "training.init_floor)", inherited_ess, fresh_ess)
+        return keep
 
     def resume(self) -> None:
         """Restore the full training state from ``run_dir/checkpoint.pt``."""
@@ -337,8 +364,8 @@ class Trainer:
         Under DDP every rank must call it (the ranks' generator states are gathered); rank 0
         writes the file.
         """
-        finite = torch.stack([torch.isfinite(p).all() for p in self.flow.parameters()]).all()
-        if not bool(finite):  # one host sync
+        finite = [torch.isfinite(p).all() for p in self.flow.parameters()]
+        if finite and not bool(torch.stack(finite).all()):  # one host sync
             raise TrainingDiverged(f"refusing to write non-finite weights to "
                                    f"{self.checkpoint_file}")
         rng: dict[str, Any] = {"train": self.generator.get_state(),
