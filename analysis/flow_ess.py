@@ -4,7 +4,8 @@
 For each run directory it draws ``--n`` fresh independent samples x ~ q in batches, and prints
 the normalised ESS (Σw)²/(N Σw²) of w = e^{−S}/q, the sampling seconds, and the training wall
 time recorded in the checkpoint; the lineage time adds the run directories of the recipe's
-``init_from`` ancestors (found next to it, ``<recipe dir>/<name>``). ``--json FILE`` also
+``init_from`` ancestors (found next to it, ``<recipe dir>/<name>``) whose weights the run
+started from. ``--json FILE`` also
 writes the rows.
 """
 
@@ -20,8 +21,8 @@ import latticeflow as lf
 from latticeflow import script_support as ss
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.flows.samples import fresh_ess
-from latticeflow.training import CHECKPOINT_NAME
 from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint
+from latticeflow.training.lineage import lineage_training_seconds
 
 EXAMPLES = ("python analysis/flow_ess.py runs/phi4_L16 runs/phi4_L32 --n 16384",)
 
@@ -40,20 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def training_seconds(run: Path) -> tuple[float, float]:
-    """(own, lineage) training wall seconds of a run directory."""
+    """(own, lineage) training wall seconds of a run directory (its recipe is the file
+    ``<name>.toml`` beside the run directory, as ``latticeflow run`` lays them out)."""
     checkpoint = checkpoint_path(run)
     state, _ = read_checkpoint(checkpoint)
-    own = total = float(state["wall_time"])
-    recipe_dir = checkpoint.parent.parent   # a run directory is <recipe dir>/<name>
-    init_from = state["recipe"].get("init_from")
-    while init_from is not None:
-        parent = lf.load_recipe(recipe_dir / init_from)
-        checkpoint = parent.default_run_dir() / CHECKPOINT_NAME
-        if not checkpoint.is_file():
-            raise LatticeflowError(f"{run}: lineage link {checkpoint} is missing")
-        total += float(read_checkpoint(checkpoint)[0]["wall_time"])
-        recipe_dir, init_from = checkpoint.parent.parent, parent.init_from
-    return own, total
+    recipe_file = checkpoint.parent.parent / f"{state['recipe']['name']}.toml"
+    if not recipe_file.is_file():
+        if state["recipe"].get("init_from") is not None:
+            raise LatticeflowError(f"{run}: its recipe {recipe_file} is missing, so its "
+                                   f"init_from lineage cannot be followed")
+        return float(state["wall_time"]), float(state["wall_time"])
+    own, lineage = lineage_training_seconds(lf.load_recipe(recipe_file), state)
+    if lineage is None:
+        raise LatticeflowError(f"{run}: a checkpoint of its init_from lineage is missing")
+    return own, lineage
 
 
 def run(args: argparse.Namespace) -> int:

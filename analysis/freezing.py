@@ -1,19 +1,18 @@
 #!/usr/bin/env python3
 """Topological freezing across the U(1) β ladder: where each sampler's gain comes from.
 
-For every β it reads the recipe ``RUNS/u1_beta<β>_L<L>.toml`` and its trained flow, and, when it
-exists, the Haar-prior recipe ``RUNS/u1_haar_beta<β>_L<L>.toml`` (``[flow] prior = "uniform"``)
-and its flow (``latticeflow run`` the recipes first). At equal sampling wall time it compares
-(a) HMC tuned as a careful user tunes it and started from exact samples, (b) the exact sampler,
-(c) independent Metropolis with the plaquette prior alone, (d) the plaquette-prior flow and
-(e) the Haar-prior flow (left out, with a note, without its recipe): χ_t = ⟨Q²⟩/V against the
-exact value, τ_int(Q²), the cost per independent Q² sample, the training seconds (own and whole
-init_from lineage), the break-even number of independent samples N* against (a) and the
-reliable flag (every chain ≥ 50 τ_int). Writes ``freezing.md``, ``freezing.json``,
+For every β it reads the recipe ``RUNS/u1_flow_beta<β>_L<L>.toml`` and its trained flow, and,
+when it exists, the Haar-prior recipe ``RUNS/u1_haar_beta<β>_L<L>.toml`` (``[flow] prior =
+"uniform"``) and its flow (``latticeflow run`` the recipes first). At equal sampling wall time
+it compares (a) HMC tuned as a careful user tunes it and started from exact samples, (b) the
+exact sampler, (c) independent Metropolis with the plaquette prior alone, (d) the plaquette-
+prior flow and (e) the Haar-prior flow (left out, with a note, without its recipe): χ_t = ⟨Q²⟩/V
+against the exact value, τ_int(Q²), the cost per independent Q² sample, the training seconds
+(own and whole init_from lineage), the break-even number of independent samples N* against (a)
+and the reliable flag (every chain ≥ 50 τ_int). Writes ``freezing.md``, ``freezing.json``,
 ``freezing.png`` and the Q histories (``charges.npz``, arrays ``<sampler>_beta<β>`` of shape
 (rows per chain, chains)) into ``--out``; the method is documented in
-``latticeflow/studies/freezing.py``. ``--quick`` is a smoke test on tiny budgets.
-"""
+``latticeflow/studies/freezing.py``. ``--quick`` is a smoke test on tiny budgets."""
 
 from __future__ import annotations
 

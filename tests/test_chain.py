@@ -13,6 +13,7 @@ from latticeflow.base.errors import LatticeflowError
 from latticeflow.cli import main
 from latticeflow.config import load_recipe
 from latticeflow.training import Trainer, read_checkpoint
+from latticeflow.training.lineage import lineage_training_seconds
 from latticeflow.training.lineage import recipe_lineage as recipe_chain
 
 FLOW = "[flow]\nn_couplings = 2\nn_mixture = 2\nhidden = [2]\n"
@@ -141,6 +142,13 @@ def test_the_floor_starts_fresh_from_a_parent_worse_than_the_prior(tmp_path: Pat
     assert all(torch.equal(child[k], v) for k, v in expected.items())
     state = read_checkpoint(tmp_path / "child" / "checkpoint.pt")[0]
     assert (state["ess"] > 0.5) == floor    # the prior's ESS at β = 3 on 4×4 is ≈ 0.9
+    assert state["started_fresh"] == floor
+    # the parent's training counts toward the child's lineage only when the child started from it
+    parent = read_checkpoint(tmp_path / "parent" / "checkpoint.pt")[0]
+    parent["wall_time"] = 100.0
+    torch.save(parent, tmp_path / "parent" / "checkpoint.pt")
+    own, lineage = lineage_training_seconds(load_recipe(tmp_path / "child.toml"), state)
+    assert lineage == pytest.approx(own + (0.0 if floor else 100.0))
 
 
 def test_the_floor_keeps_the_better_of_two_starts(tmp_path: Path):

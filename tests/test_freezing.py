@@ -35,11 +35,11 @@ def _recipe(beta: float, theory: str = "u1", prior: str | None = None) -> str:
 def ladder(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     for beta in (2, 3, 6, 9):
-        path = runs / f"u1_beta{beta}_L4.toml"
+        path = runs / f"u1_flow_beta{beta}_L4.toml"
         path.write_text(_recipe(beta))
         assert latticeflow_main(["-q", "train", str(path)]) == 0
-    (runs / "u1_beta5_L4.toml").write_text(_recipe(5))          # never trained
-    (runs / "u1_beta7_L4.toml").write_text(_recipe(7, "phi4"))  # the wrong theory
+    (runs / "u1_flow_beta5_L4.toml").write_text(_recipe(5))          # never trained
+    (runs / "u1_flow_beta7_L4.toml").write_text(_recipe(7, "phi4"))  # the wrong theory
     haar = runs / "u1_haar_beta2_L4.toml"                         # row (e) at β = 2 only
     haar.write_text(_recipe(2, prior="uniform"))
     assert latticeflow_main(["-q", "train", str(haar)]) == 0

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             examples:
               latticeflow run runs/quickstart.toml
               latticeflow run runs/u1_beta2_L8.toml --device cuda
-              latticeflow run runs/u1_beta6_L8.toml   # trains β = 2, 3, 4, 5 first (init_from)"""),
+              latticeflow run runs/u1_flow_beta6_L8.toml  # trains β = 2…5 first (init_from)"""),
     )
     parser.add_argument("recipe", type=Path, help="run recipe (TOML)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the recipe)")

@@ -63,10 +63,10 @@ from latticeflow.studies.sampler_race import (
     cost_per_independent,
     estimate,
     run_for,
-    training_seconds,
 )
 from latticeflow.theories import Action, action_from_table
 from latticeflow.training import CHECKPOINT_NAME, load_checkpoint, read_checkpoint
+from latticeflow.training.lineage import lineage_training_seconds
 
 log = logging.getLogger("latticeflow")
 
@@ -138,7 +138,7 @@ def check_trained(path: Path, L: int) -> TrainedFlow:
     if state["theory"] != "phi4" or action_from_table(dict(state["action"])).params() != params:
         raise LatticeflowError(f"{checkpoint}: a flow trained for the {state['theory']} action "
                                f"{dict(state['action'])}, the recipe has φ⁴ {params}")
-    own, chain = training_seconds(recipe, state)
+    own, chain = lineage_training_seconds(recipe, state)
     return TrainedFlow(L, path, recipe, checkpoint, own, chain)
 
 

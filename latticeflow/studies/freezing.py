@@ -14,7 +14,7 @@ in columns of its own). The rows (DESIGN §10, "attributing a gain"):
 * ``prior`` (c): independent Metropolis with the plaquette prior alone
   (:class:`~latticeflow.flows.plaquette_prior.PlaquettePrior`, κ = β: the flow's base density,
   no couplings, no training);
-* ``nmcmc`` (d): neural MCMC with the trained plaquette-prior flow of ``u1_beta<β>_L<L>.toml``;
+* ``nmcmc`` (d): neural MCMC with the trained plaquette-prior flow of ``u1_flow_beta<β>_L<L>.toml``;
 * ``haar`` (e): neural MCMC with the trained Haar-prior flow of ``u1_haar_beta<β>_L<L>.toml``
   (``[flow] prior = "uniform"``), the general method; optional: without that recipe the row is
   left out and a note says so.
@@ -62,17 +62,17 @@ from latticeflow.studies.sampler_race import (
     cost_per_independent,
     estimate,
     run_for,
-    training_seconds,
 )
 from latticeflow.theories import action_from_table
 from latticeflow.training import CHECKPOINT_NAME, load_checkpoint, read_checkpoint
+from latticeflow.training.lineage import lineage_training_seconds
 
 log = logging.getLogger("latticeflow")
 
 SAMPLERS = ("hmc", "exact", "prior", "nmcmc", "haar")
 LABELS = {"hmc": "(a) tuned HMC", "exact": "(b) exact sampler", "prior": "(c) plaquette prior",
           "nmcmc": "(d) plaquette-prior flow", "haar": "(e) Haar-prior flow"}
-RECIPE_NAMES = {"nmcmc": "u1_beta{beta:g}_L{L}.toml", "haar": "u1_haar_beta{beta:g}_L{L}.toml"}
+RECIPE_NAMES = {"nmcmc": "u1_flow_beta{beta:g}_L{L}.toml", "haar": "u1_haar_beta{beta:g}_L{L}.toml"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,8 @@ class BetaPoint:
 
 # ------------------------------------------------------------------------------ inputs
 def ladder_recipes(runs_dir: str | Path, betas: Sequence[float], lattice: int) -> list[Path]:
-    """The recipe of every β, ``<runs_dir>/u1_beta<β>_L<lattice>.toml``; refuses a missing one."""
+    """The plaquette-prior flow recipe of every β, ``<runs_dir>/u1_flow_beta<β>_L<lattice>.toml``;
+    refuses a missing one."""
     paths = []
     for beta in betas:
         path = Path(runs_dir) / RECIPE_NAMES["nmcmc"].format(beta=beta, L=lattice)
@@ -200,7 +201,7 @@ def check_trained(path: Path, prior: str | None = None) -> TrainedFlow:
         raise LatticeflowError(f"{checkpoint}: the checkpoint was trained for the "
                                f"{state['theory']} action {dict(state['action'])}, the recipe "
                                f"has {params}")
-    own, chain = training_seconds(recipe, state)
+    own, chain = lineage_training_seconds(recipe, state)
     return TrainedFlow(path, recipe, checkpoint, own, chain)
 
 

@@ -18,7 +18,8 @@ Conventions
   (:func:`cost_per_independent`); when ``reliable`` is false it is a lower bound.
 * Training enters only through the break-even number of independent samples,
   N* = t_train / (c_baseline − c_flow) (:func:`break_even`; infinite when the flow is not
-  cheaper per sample), with t_train the checkpoints' ``wall_time`` (:func:`training_seconds`).
+  cheaper per sample), with t_train the checkpoints' ``wall_time`` over the lineage
+  (:func:`latticeflow.training.lineage.lineage_training_seconds`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from latticeflow.config import Recipe
 from latticeflow.samplers.hmc import HMCSampler
 from latticeflow.samplers.nmcmc import FlowMetropolis
 from latticeflow.statistics import ShortChainWarning, gamma_method
-from latticeflow.training import CHECKPOINT_NAME, read_checkpoint, recipe_lineage
 
 log = logging.getLogger("latticeflow")
 
@@ -158,20 +156,6 @@ def break_even(training_s: float, cost_baseline_s: float, cost_flow_s: float) ->
     return training_s / gain
 
 
-def training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[float, float | None]:
-    """Training seconds of a checkpoint ``state`` of ``recipe``: its own ``wall_time``, and the
-    sum over the whole ``init_from`` lineage (None when an ancestor's checkpoint is missing)."""
-    own = float(state["wall_time"])
-    chain: float | None = own
-    for link in recipe_lineage(recipe):
-        ancestor = link.default_run_dir() / CHECKPOINT_NAME
-        if chain is None or not ancestor.is_file():
-            chain = None
-            continue
-        chain += float(read_checkpoint(ancestor)[0]["wall_time"])
-    return own, chain
-
-
 def format_estimate(value: float, error: float | None = None) -> str:
     """``value ± error`` (4 and 2 significant digits), ``value`` without a positive finite
     error, "—" for a non-finite value: the studies' table cells."""
@@ -183,5 +167,4 @@ def format_estimate(value: float, error: float | None = None) -> str:
 
 
 __all__ = ["Estimate", "HMCBlocks", "MIN_TAU_LENGTHS", "Measure", "NMCMCBlocks", "break_even",
-           "cost_per_independent", "estimate", "format_estimate", "is_reliable", "run_for",
-           "training_seconds"]
+           "cost_per_independent", "estimate", "format_estimate", "is_reliable", "run_for"]

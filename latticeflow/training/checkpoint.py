@@ -38,10 +38,11 @@ CHECKPOINT_FORMAT = "latticeflow-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
-#: Recipe keys that may change when resuming (they do not alter the training trajectory).
+#: Recipe keys that may change when resuming (they do not alter the training trajectory;
+#: ``init_floor`` only decides the start, which a checkpoint has already taken).
 RESUMABLE_CHANGES = ("name", "device", "training.steps", "training.ess_interval",
                      "training.ess_batch", "training.checkpoint_interval",
-                     "training.max_bad_steps", "training.compile")
+                     "training.max_bad_steps", "training.compile", "training.init_floor")
 _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
 #: ``[flow]`` values of U(1) checkpoints written before the key existed: the flow they trained.
 #: Without a ``prior`` key it trained on uniform links (a recipe that names no prior gets the

@@ -1,10 +1,11 @@
 """Recipe lineage: a recipe that starts from another recipe's trained flow (``init_from``).
 
-A lineage such as ``u1_beta6_L8 → u1_beta5_L8 → … → u1_beta2_L8`` is resolved root first. Every
-link must train the same theory with the same ``[flow]`` (the weights move from recipe to recipe;
-the lattice and the action parameters may change), and no recipe may appear twice. Each parent
-trains in its own default run directory (``<recipe dir>/<name>``): a complete link is skipped,
-a partial one resumed, a missing one trained from its own parent's weights.
+A lineage such as ``u1_flow_beta6_L8 → u1_flow_beta5_L8 → … → u1_flow_beta2_L8`` is resolved
+root first. Every link must train the same theory with the same ``[flow]`` (the weights move from
+recipe to recipe; the lattice and the action parameters may change), and no recipe may appear
+twice. Each parent trains in its own default run directory (``<recipe dir>/<name>``): a complete
+link is skipped, a partial one resumed, a missing one trained from its own parent's weights
+(or from its own fresh start when that is better, ``training.init_floor``).
 """
 
 from __future__ import annotations
@@ -79,3 +80,20 @@ def train_ancestors(recipe: Recipe, overrides: dict[str, Any] | None = None) -> 
 
 
 __all__ = ["recipe_lineage", "train_ancestors"]
+
+
+def lineage_training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[float, float | None]:
+    """Training wall seconds of ``state``, a checkpoint of ``recipe``: its own ``wall_time``, and
+    the sum over the ``init_from`` ancestors whose weights it actually started from, nearest
+    first, stopping at a link that started fresh (the floor, ``training.init_floor``). None for
+    the sum when an ancestor's checkpoint is missing."""
+    own = total = float(state["wall_time"])
+    for link in reversed(recipe_lineage(recipe)):
+        if state.get("started_fresh", False):
+            break
+        checkpoint = link.default_run_dir() / CHECKPOINT_NAME
+        if not checkpoint.is_file():
+            return own, None
+        state, _ = read_checkpoint(checkpoint)
+        total += float(state["wall_time"])
+    return own, total

@@ -193,6 +193,7 @@ class Trainer:
         self.skipped_steps = 0
         self.last_ess: float | None = None
         self.last_ess_step: int | None = None
+        self.started_fresh = False  # the floor rejected the init_from weights
         self.wall_time = 0.0
         self.checkpoint_step: int | None = None
         self._interrupt: _DeferredInterrupt | None = None
@@ -236,6 +237,7 @@ class Trainer:
         if state["action"] != dict(self.recipe.action_card):
             log.info("initialising from a flow trained for %s", state["action"])
         if self.config.init_floor and not self.apply_init_floor(fresh):
+            self.started_fresh = True
             return
         log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
                  state["lattice"])
@@ -280,6 +282,7 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.last_ess, self.last_ess_step = state["ess"], state["ess_step"]
         self.wall_time = float(state["wall_time"])
+        self.started_fresh = bool(state.get("started_fresh", False))
         if self.is_main:
             _truncate_metrics(self.metrics_file, self.step)
             log.info("resuming %s at step %d", self.checkpoint_file, self.step)
@@ -386,7 +389,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": rng,
                 "ess": self.last_ess, "ess_step": self.last_ess_step,
                 "skipped_steps": self.skipped_steps, "wall_time": self.wall_time,
-                "world_size": self.world_size,
+                "world_size": self.world_size, "started_fresh": self.started_fresh,
             }, self.checkpoint_file, self._kept_message())
             log.debug("checkpoint at step %d: %s", self.step, self.checkpoint_file)
         self.checkpoint_step = self.step
