@@ -4,9 +4,10 @@
 Trains each variant from scratch on one action card and lattice for ``--seconds`` of wall time,
 then measures its ESS on ``--fresh`` fresh samples (method: ``latticeflow/studies/ablation.py``).
 The variants: the Fourier Gaussian base alone; RealNVP (affine couplings) on a normal and on a
-Fourier base; spline couplings on a normal and on a Fourier base; and the last with the
-standard reverse-KL estimator instead of the fast path. Writes ``ablation.md`` and
-``ablation.json`` into ``--out``. Run it on an otherwise idle machine.
+Fourier base; spline couplings on a normal and on a Fourier base; the last with the standard
+reverse-KL estimator instead of the fast path; and Z₂-equivariant splines on a Fourier base.
+Writes ``ablation.md`` and ``ablation.json`` into ``--out``. Run it on an otherwise idle
+machine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ VARIANTS = [
     ablation.Variant("spline, normal base", SPLINE),
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}),
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}, "reverse-standard"),
+    ablation.Variant("Z₂ spline, Fourier base", {**SPLINE, **FOURIER, "z2": True}),
 ]
 
 

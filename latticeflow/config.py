@@ -39,8 +39,9 @@ links). φ⁴ only (rejected for U(1)): ``transform``: ``"affine"`` (default) or
 (rational-quadratic spline couplings, ``flows/spline_coupling.py``) with ``spline_bound`` float
 > 0 (3.0); ``base``: ``"normal"`` (default) or ``"fourier"`` (a learnable translation-invariant
 Gaussian before the couplings, see ``flows/fourier.py``), ``fourier_terms`` int >= 1 (its
-precision polynomial's terms, 3). A map's own size key (``n_mixture``, ``n_bins``,
-``spline_bound``) is accepted, and unused, with the other map.
+precision polynomial's terms, 3); ``z2`` bool (false): Z₂-equivariant spline couplings,
+h(−x; −F) = −h(x; F), so that q(−φ) = q(φ) (``transform = "spline"`` only). A map's own size
+key (``n_mixture``, ``n_bins``, ``spline_bound``) is accepted, and unused, with the other map.
 
 ``[training]``:
 ``estimator``      one of ``estimators.ESTIMATORS``, default ``"reverse-fastpath"``.
@@ -106,7 +107,7 @@ DTYPE_NAMES = ("float32", "float64")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: ``[flow]`` keys of one theory's flow only, and each theory's choices of ``transform``.
 _THEORY_FLOW_KEYS = {"u1": ("n_mixture", "loop_length", "prior"),
-                     "phi4": ("base", "fourier_terms", "spline_bound")}
+                     "phi4": ("base", "fourier_terms", "spline_bound", "z2")}
 _TRANSFORMS = {"u1": U1_TRANSFORMS, "phi4": PHI4_TRANSFORMS}
 
 
@@ -353,6 +354,9 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["fourier_terms"] = table.integer("fourier_terms", defaults["fourier_terms"], low=1)
         arch["spline_bound"] = table.number("spline_bound", defaults["spline_bound"],
                                           low=0.0, low_open=True)
+        arch["z2"] = table.get("z2", bool, defaults["z2"])
+        if arch["z2"] and arch["transform"] != "spline":
+            raise table.error("z2", 'true needs transform = "spline"')
     if arch["n_couplings"] == 0 and arch.get("base") != "fourier" and arch.get("prior") != (
             "plaquette"):
         raise table.error("n_couplings", "0 (a base without couplings) needs the phi4 base = "

@@ -14,10 +14,11 @@ ARCHS = {
 #: Flow variants: "<theory>-<variant>" builds the theory's flow with these overrides.
 ARCHS["phi4-fourier"] = {**ARCHS["phi4"], "base": "fourier"}
 ARCHS["phi4-spline"] = {**ARCHS["phi4"], "transform": "spline", "n_bins": 4, "spline_bound": 1.5}
+ARCHS["phi4-spline-z2"] = {**ARCHS["phi4-spline"], "z2": True}
 ARCHS["u1-spline"] = {**ARCHS["u1"], "transform": "spline", "n_bins": 4}
 #: Action parameters for the flows' base densities (the U(1) default, the plaquette prior).
-PARAMS = {"phi4": None, "phi4-fourier": None, "phi4-spline": None, "u1": {"beta": 1.5},
-          "u1-spline": {"beta": 1.5}}
+PARAMS = {"phi4": None, "phi4-fourier": None, "phi4-spline": None, "phi4-spline-z2": None,
+          "u1": {"beta": 1.5}, "u1-spline": {"beta": 1.5}}
 
 
 def theory_of(variant: str) -> str:

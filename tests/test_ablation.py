@@ -17,12 +17,14 @@ ROOT = Path(__file__).parents[1]
 def test_tiny_run_writes_rows_with_equal_budgets(tmp_path: Path):
     out = tmp_path / "out"
     args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "4", "--seconds", "0.5",
-            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "--out", str(out), "-q"]
+            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "6", "--out", str(out), "-q"]
     assert ablation_script.main(args) == 0
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["Fourier base alone", "spline, Fourier base",
-                                          "spline, Fourier base"]
-    assert [r["estimator"] for r in rows][1:] == ["reverse-fastpath", "reverse-standard"]
+                                          "spline, Fourier base", "Z₂ spline, Fourier base"]
+    assert [r["estimator"] for r in rows][1:] == ["reverse-fastpath", "reverse-standard",
+                                                  "reverse-fastpath"]
+    assert rows[3]["architecture"]["z2"] is True
     assert rows[0]["parameters"] == 3        # the precision polynomial's coefficients
     for r in rows:
         assert r["steps"] >= 1 and 0.5 <= r["train_s"] < 5 and 0 < r["ess"] <= 1

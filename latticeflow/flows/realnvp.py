@@ -76,15 +76,16 @@ class AffineCoupling(MaskedCoupling):
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int] = (16, 16),
             kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
             fourier_terms: int = 3, transform: str = "affine", n_bins: int = 8,
-            spline_bound: float = 3.0) -> Flow:
+            spline_bound: float = 3.0, z2: bool = False) -> Flow:
     """A coupling flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
     ``base``: ``"normal"`` (a standard normal per site) or ``"fourier"`` (the same noise through
     a learnable :class:`~latticeflow.flows.fourier.FourierGaussian` of ``fourier_terms``
     coefficients, before the couplings). ``transform``: ``"affine"`` (RealNVP) or ``"spline"``
     (:class:`~latticeflow.flows.spline_coupling.SplineCoupling`, ``n_bins`` bins on
-    [−``spline_bound``, ``spline_bound``]). Mask period 2: the flow is equivariant under
-    translations by two sites along any axis.
+    [−``spline_bound``, ``spline_bound``]; ``z2``: Z₂-equivariant splines). Mask period 2: the
+    flow is equivariant under translations by two sites along any axis, and with ``z2`` (both
+    bases are even) under φ → −φ.
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
@@ -93,6 +94,8 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
         raise ValueError(f"unknown base {base!r}; choose one of {', '.join(BASES)}")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
+    if z2 and transform != "spline":
+        raise ValueError("z2 needs the spline transform")
     layers: list[torch.nn.Module] = []
     if base == "fourier":
         layers.append(FourierGaussian(tuple(lattice), fourier_terms))
@@ -100,5 +103,6 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
         mask = checkerboard(lattice, k % 2)
         layers.append(AffineCoupling(mask, hidden, kernel_size, activation)
                       if transform == "affine" else
-                      SplineCoupling(mask, hidden, kernel_size, activation, n_bins, spline_bound))
+                      SplineCoupling(mask, hidden, kernel_size, activation, n_bins, spline_bound,
+                                     z2))
     return Flow(NormalPrior(tuple(lattice)), layers)

@@ -9,6 +9,12 @@ non-Gaussian single-site distribution of φ⁴, which an affine map of a Gaussia
 The score step takes ∂ℓ/∂x_A in closed form (the spline's (log y')') and the VJP on the frozen
 sites by autograd over the layer's graph (:class:`~latticeflow.flows.coupling.MaskedCoupling`).
 A fresh coupling is the identity (zero last layer, slopes offset to 1).
+
+Z₂ (``z2``): the mirror M of a spline's raw parameters reverses the order of its widths,
+heights and interior slopes; the spline of Mθ is x ↦ −S_θ(−x) (the knots reflect through 0 and
+the tails stay the identity). With the conditioner A, the knots θ(F) = A(F) + M A(−F) satisfy
+θ(−F) = M θ(F), so h(−x; −F) = −h(x; F): the coupling commutes with φ → −φ. Both halves run
+as one batch through the net; a fresh coupling is still the identity.
 """
 
 from __future__ import annotations
@@ -29,16 +35,28 @@ from latticeflow.flows.spline import (
 
 class SplineCoupling(MaskedCoupling):
     """Spline coupling on a boolean mask of active sites (shape = lattice): K = ``n_bins`` bins
-    on [−``bound``, ``bound``]; the conditioner returns 3K − 1 channels per site."""
+    on [−``bound``, ``bound``]; the conditioner returns 3K − 1 channels per site. ``z2``: the
+    Z₂-equivariant knots of the module docstring."""
 
     def __init__(self, active: Tensor, hidden: list[int], kernel_size: int, activation: str,
-                 n_bins: int = 8, bound: float = 3.0):
+                 n_bins: int = 8, bound: float = 3.0, z2: bool = False):
         super().__init__(active)
-        self.n_bins, self.bound = n_bins, bound
+        self.n_bins, self.bound, self.z2 = n_bins, bound, z2
         self.net = conv_net(active.dim(), 1, 3 * n_bins - 1, hidden, kernel_size, activation)
 
+    def _mirror(self, raw: Tensor) -> Tensor:
+        """M: widths, heights and interior slopes each in reverse order (channel axis 1)."""
+        k = self.n_bins
+        return torch.cat([raw[:, :k].flip(1), raw[:, k:2 * k].flip(1), raw[:, 2 * k:].flip(1)],
+                         dim=1)
+
     def condition(self, x: Tensor) -> Knots:
-        out = self.net(torch.where(self.active, 0.0, x).unsqueeze(1))
+        frozen = torch.where(self.active, 0.0, x).unsqueeze(1)
+        if self.z2:
+            out, of_flipped = self.net(torch.cat([frozen, -frozen])).chunk(2)
+            out = out + self._mirror(of_flipped)
+        else:
+            out = self.net(frozen)
         k = self.n_bins
         return real_line_knots(out[:, :k], out[:, k:2 * k], out[:, 2 * k:] + SLOPE_OFFSET,
                                self.bound)

@@ -50,9 +50,11 @@ _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
 #: it had NCP maps, which do not read ``n_bins`` (the default stands in for it).
 LEGACY_U1_ARCHITECTURE = {"prior": "uniform", "transform": "ncp",
                           "n_bins": DEFAULT_ARCHITECTURE["u1"]["n_bins"]}
-#: φ⁴ checkpoints written before the Fourier base and spline couplings: RealNVP on a normal base.
+#: φ⁴ checkpoints written before the Fourier base, spline couplings and ``z2``: the defaults
+#: (RealNVP on a normal base, splines without the Z₂ symmetrisation).
 LEGACY_PHI4_ARCHITECTURE = {key: DEFAULT_ARCHITECTURE["phi4"][key] for key in
-                            ("base", "fourier_terms", "transform", "n_bins", "spline_bound")}
+                            ("base", "fourier_terms", "transform", "n_bins", "spline_bound",
+                             "z2")}
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
