@@ -179,6 +179,14 @@ class PoisonedFlow(torch.nn.Module):
         super().__init__()
         self.flow, self.positions, self.value, self.drawn = flow, set(positions), value, 0
 
+    @property
+    def device(self):
+        return self.flow.device
+
+    @property
+    def dtype(self):
+        return self.flow.dtype
+
     def sample(self, n, generator=None):
         x, log_q = self.flow.sample(n, generator=generator)
         for j in self.positions:
