@@ -79,9 +79,6 @@ def train_ancestors(recipe: Recipe, overrides: dict[str, Any] | None = None) -> 
     return parent_dir
 
 
-__all__ = ["recipe_lineage", "train_ancestors"]
-
-
 def lineage_training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[float, float | None]:
     """Training wall seconds of ``state``, a checkpoint of ``recipe``: its own ``wall_time``, and
     the sum over the ``init_from`` ancestors whose weights it actually started from, nearest
@@ -97,3 +94,6 @@ def lineage_training_seconds(recipe: Recipe, state: dict[str, Any]) -> tuple[flo
         state, _ = read_checkpoint(checkpoint)
         total += float(state["wall_time"])
     return own, total
+
+
+__all__ = ["lineage_training_seconds", "recipe_lineage", "train_ancestors"]

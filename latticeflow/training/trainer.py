@@ -232,11 +232,12 @@ class Trainer:
         path = checkpoint_path(path)
         state, _ = read_checkpoint(path)
         check_init_from(state, self.recipe, path)
-        fresh = {k: v.clone() for k, v in self.flow.state_dict().items()}
+        fresh = ({k: v.clone() for k, v in self.flow.state_dict().items()}
+                 if self.config.init_floor else None)
         load_weights(self.flow, state["model"], path)
         if state["action"] != dict(self.recipe.action_card):
             log.info("initialising from a flow trained for %s", state["action"])
-        if self.config.init_floor and not self.apply_init_floor(fresh):
+        if fresh is not None and not self.apply_init_floor(fresh):
             self.started_fresh = True
             return
         log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
@@ -245,23 +246,25 @@ class Trainer:
     def apply_init_floor(self, fresh: dict[str, Tensor]) -> bool:
         """The floor (``training.init_floor``): keep the inherited weights when their ESS is at
         least that of ``fresh`` (this recipe's own start), else load ``fresh``. Both ESS come
-        from the same ``ess_batch`` fresh-sample stream; under DDP rank 0's decision holds."""
+        from the same ``ess_batch`` fresh-sample stream. Under DDP rank 0 measures and decides,
+        and every rank loads the weights it chose."""
         inherited = {k: v.clone() for k, v in self.flow.state_dict().items()}
-        inherited_ess = self.measure_ess()
-        self.flow.load_state_dict(fresh)
-        fresh_ess = self.measure_ess()
-        keep = math.isnan(fresh_ess) or inherited_ess >= fresh_ess
+        keep = None
+        if self.is_main:
+            inherited_ess = self.measure_ess()
+            self.flow.load_state_dict(fresh)
+            fresh_ess = self.measure_ess()
+            keep = math.isnan(fresh_ess) or inherited_ess >= fresh_ess
+            if keep:
+                self.last_ess = inherited_ess
+            log.info("inherited ESS %.4f %s fresh-start ESS %.4f: starting %s", inherited_ess,
+                     "≥" if keep else "<", fresh_ess,
+                     "from the inherited weights" if keep else
+                     "fresh (the floor, training.init_floor)")
         if self.distributed is not None:
             keep = gather_objects(keep)[0]
-        if keep:
-            self.flow.load_state_dict(inherited)
-            self.last_ess = inherited_ess
-            log.info("inherited ESS %.4f ≥ fresh-start ESS %.4f: starting from the inherited "
-                     "weights", inherited_ess, fresh_ess)
-        else:
-            log.info("inherited ESS %.4f < fresh-start ESS %.4f: starting fresh (the floor, "
-                     "training.init_floor)", inherited_ess, fresh_ess)
-        return keep
+        self.flow.load_state_dict(inherited if keep else fresh)
+        return bool(keep)
 
     def resume(self) -> None:
         """Restore the full training state from ``run_dir/checkpoint.pt``."""
