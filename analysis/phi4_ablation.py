@@ -6,7 +6,8 @@ then measures its ESS on ``--fresh`` fresh samples (method: ``latticeflow/studie
 The variants: the Fourier Gaussian base alone; RealNVP (affine couplings) on a normal and on a
 Fourier base; spline couplings on a normal and on a Fourier base; the last with the standard
 reverse-KL estimator instead of the fast path; and Z₂-equivariant splines on a Fourier base.
-Writes ``ablation.md`` and ``ablation.json`` into ``--out``. Run it on an otherwise idle
+``--transfer`` also measures each trained flow, untrained there, on larger
+lattices. Writes ``ablation.md`` and ``ablation.json`` into ``--out``. Run it on an otherwise idle
 machine.
 """
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=240.0,
                         help="training wall time per variant (default: 240)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate of Adam (default: 0.002)")
+    parser.add_argument("--transfer", type=int, nargs="+", default=[], metavar="L",
+                        help="also measure each trained flow on these (even) extents")
     parser.add_argument("--fresh", type=int, default=16384,
                         help="fresh samples for the ESS (default: 16384)")
     parser.add_argument("--only", type=int, nargs="+", metavar="I",
@@ -56,18 +61,22 @@ def run(args: argparse.Namespace) -> int:
     action = load_action_card(args.card)
     if action.theory != "phi4":
         raise LatticeflowError(f"{args.card}: a {action.theory} card; the ablation needs phi4")
-    if args.L < 4 or args.L % 2 or args.seconds <= 0 or args.batch < 1 or args.fresh < 2:
-        raise LatticeflowError("--L must be even and >= 4; --seconds, --batch, --fresh positive")
+    if any(n < 4 or n % 2 for n in [args.L, *args.transfer]):
+        raise LatticeflowError("--L and --transfer extents must be even and >= 4")
+    if args.seconds <= 0 or args.batch < 1 or args.fresh < 2 or args.lr <= 0:
+        raise LatticeflowError("--seconds, --batch, --fresh and --lr must be positive")
     existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
     if existing and not args.force:
         raise LatticeflowError(f"{existing[0]} exists; use --force to replace it")
     variants = [VARIANTS[i] for i in args.only] if args.only else VARIANTS
     settings = ablation.AblationSettings(seconds=args.seconds, batch_size=args.batch,
-                                         n_fresh=args.fresh)
+                                         n_fresh=args.fresh, lr=args.lr,
+                                         transfer=tuple(args.transfer))
     rows = ablation.run_ablation(variants, action, (args.L, args.L), settings)
     ss.check_output_dir(args.out)
     title = (f"φ⁴ ablation, {args.card.name} on {args.L}×{args.L}: {args.seconds:.0f} s of "
-             f"training per variant, batch {args.batch}, ESS on {args.fresh} fresh samples.")
+             f"training per variant, batch {args.batch}, peak learning rate {args.lr:g}, "
+             f"ESS on {args.fresh} fresh samples.")
     table = ablation.markdown_table(rows, title)
     (args.out / "ablation.md").write_text(table + "\n")
     ss.write_json(args.out / "ablation.json", {"settings": vars(settings),

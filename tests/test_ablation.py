@@ -17,7 +17,8 @@ ROOT = Path(__file__).parents[1]
 def test_tiny_run_writes_rows_with_equal_budgets(tmp_path: Path):
     out = tmp_path / "out"
     args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "4", "--seconds", "0.5",
-            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "6", "--out", str(out), "-q"]
+            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "6", "--lr", "0.01",
+            "--transfer", "6", "--out", str(out), "-q"]
     assert ablation_script.main(args) == 0
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["Fourier base alone", "spline, Fourier base",
@@ -28,10 +29,21 @@ def test_tiny_run_writes_rows_with_equal_budgets(tmp_path: Path):
     assert rows[0]["parameters"] == 3        # the precision polynomial's coefficients
     for r in rows:
         assert r["steps"] >= 1 and 0.5 <= r["train_s"] < 5 and 0 < r["ess"] <= 1
-    assert "| spline, Fourier base | reverse-standard |" in (out / "ablation.md").read_text()
+        assert list(r["transfer_ess"]) == ["6"] and 0 < r["transfer_ess"]["6"] <= 1
+    table = (out / "ablation.md").read_text()
+    assert "| spline, Fourier base | reverse-standard |" in table
+    assert "ESS on L = 6 |" in table and "peak learning rate 0.01," in table
     before = (out / "ablation.md").read_bytes()
     assert ablation_script.main(args) == 2                 # no overwrite without --force
     assert (out / "ablation.md").read_bytes() == before
+
+
+def test_refuses_an_odd_transfer_extent(tmp_path: Path, capsys):
+    args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "4", "--transfer", "7",
+            "--out", str(tmp_path / "out"), "-q"]
+    assert ablation_script.main(args) == 2
+    assert "--transfer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_a_u1_card(tmp_path: Path, capsys):

@@ -35,7 +35,8 @@ class Variant:
 @dataclass(frozen=True)
 class AblationSettings:
     """The shared budget: ``seconds`` of training per variant, batch, peak learning rate,
-    warm-up steps, gradient clipping, the fresh-sample count and batch, and the seed."""
+    warm-up steps, gradient clipping, the fresh-sample count and batch, the seed, and the
+    lattice extents ``transfer`` (L×L…) on which the trained weights are also measured."""
 
     seconds: float = 240.0
     batch_size: int = 64
@@ -45,6 +46,7 @@ class AblationSettings:
     n_fresh: int = 16384
     fresh_batch: int = 512
     seed: int = 0
+    transfer: tuple[int, ...] = ()
 
 
 @dataclass
@@ -59,6 +61,7 @@ class AblationRow:
     objective: float
     ess: float
     ess_s: float
+    transfer_ess: dict[int, float] = field(default_factory=dict)
 
 
 def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
@@ -96,11 +99,26 @@ def run_ablation(variants: list[Variant], action: Action, lattice: tuple[int, ..
                                  torch.Generator().manual_seed(settings.seed + 1))
         row = AblationRow(variant.label, variant.architecture, variant.estimator,
                           sum(p.numel() for p in flow.parameters()), steps, seconds,
-                          seconds / max(steps, 1), objective, value, ess_s)
+                          seconds / max(steps, 1), objective, value, ess_s,
+                          transfer_ess(flow, variant, action, lattice, settings))
         log(f"{row.label}: {steps} steps in {seconds:.0f} s, objective {objective:.4f}, "
-            f"ESS {value:.4f}")
+            f"ESS {value:.4f}" + "".join(f", on L = {n}: {e:.4f}"
+                                         for n, e in row.transfer_ess.items()))
         rows.append(row)
     return rows
+
+
+def transfer_ess(flow: torch.nn.Module, variant: Variant, action: Action,
+                 lattice: tuple[int, ...], settings: AblationSettings) -> dict[int, float]:
+    """The fresh-sample ESS of ``flow``'s weights on each lattice of extent ``settings.transfer``
+    (in every direction of ``lattice``), untrained there."""
+    values = {}
+    for extent in settings.transfer:
+        moved = build_flow("phi4", (extent,) * len(lattice), variant.architecture)
+        moved.load_state_dict(flow.state_dict())
+        values[extent], _ = fresh_ess(moved, action, settings.n_fresh, settings.fresh_batch,
+                                      torch.Generator().manual_seed(settings.seed + 1))
+    return values
 
 
 def records(rows: list[AblationRow]) -> list[dict[str, Any]]:
@@ -108,9 +126,13 @@ def records(rows: list[AblationRow]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[AblationRow], title: str) -> str:
+    extents = sorted({n for r in rows for n in r.transfer_ess})
     lines = [title, "", "| variant | estimator | parameters | steps | s/step | mean(log q + S) "
-             "| ESS (fresh) |", "|---|---|---|---|---|---|---|"]
+             "| ESS (fresh) |" + "".join(f" ESS on L = {n} |" for n in extents),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extents)]
     for r in rows:
         lines.append(f"| {r.label} | {r.estimator} | {r.parameters} | {r.steps} "
-                     f"| {r.s_per_step:.3f} | {r.objective:.3f} | {r.ess:.4f} |")
+                     f"| {r.s_per_step:.3f} | {r.objective:.3f} | {r.ess:.4f} |"
+                     + "".join(f" {r.transfer_ess[n]:.4f} |" if n in r.transfer_ess else " — |"
+                               for n in extents))
     return "\n".join(lines)
