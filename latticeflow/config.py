@@ -40,7 +40,10 @@ links). φ⁴ only (rejected for U(1)): ``transform``: ``"affine"`` (default) or
 > 0 (3.0); ``base``: ``"normal"`` (default) or ``"fourier"`` (a learnable translation-invariant
 Gaussian before the couplings, see ``flows/fourier.py``), ``fourier_terms`` int >= 1 (its
 precision polynomial's terms, 3); ``z2`` bool (false): Z₂-equivariant spline couplings,
-h(−x; −F) = −h(x; F), so that q(−φ) = q(φ) (``transform = "spline"`` only). A map's own size
+h(−x; −F) = −h(x; F), so that q(−φ) = q(φ) (``transform = "spline"`` only); ``coarse`` list of
+ints ([]): coarse lattices C×…×C, increasing, each C even and dividing every extent, on whose
+block means ``coarse_couplings`` int >= 1 (4) couplings of the same kind act after the base
+(``flows/multiscale.py``). A map's own size
 key (``n_mixture``, ``n_bins``, ``spline_bound``) is accepted, and unused, with the other map.
 
 ``[training]``:
@@ -107,7 +110,8 @@ DTYPE_NAMES = ("float32", "float64")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: ``[flow]`` keys of one theory's flow only, and each theory's choices of ``transform``.
 _THEORY_FLOW_KEYS = {"u1": ("n_mixture", "loop_length", "prior"),
-                     "phi4": ("base", "fourier_terms", "spline_bound", "z2")}
+                     "phi4": ("base", "fourier_terms", "spline_bound", "z2", "coarse",
+                              "coarse_couplings")}
 _TRANSFORMS = {"u1": U1_TRANSFORMS, "phi4": PHI4_TRANSFORMS}
 
 
@@ -357,12 +361,30 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["z2"] = table.get("z2", bool, defaults["z2"])
         if arch["z2"] and arch["transform"] != "spline":
             raise table.error("z2", 'true needs transform = "spline"')
+        arch["coarse"] = _coarse_levels(table, lattice, kernel)
+        arch["coarse_couplings"] = table.integer("coarse_couplings",
+                                                 defaults["coarse_couplings"], low=1)
     if arch["n_couplings"] == 0 and arch.get("base") != "fourier" and arch.get("prior") != (
             "plaquette"):
         raise table.error("n_couplings", "0 (a base without couplings) needs the phi4 base = "
                                          '"fourier" or the u1 prior = "plaquette"')
     table.finish()
     return arch
+
+
+def _coarse_levels(table: Table, lattice: tuple[int, ...], kernel: int) -> tuple[int, ...]:
+    """``[flow] coarse``: increasing even extents that divide every lattice extent."""
+    levels = table.get("coarse", list, [])
+    if any(isinstance(c, bool) or not isinstance(c, int) for c in levels):
+        raise table.error("coarse", f"must be a list of integers, got {levels}")
+    for c in levels:
+        if c < 2 or c % 2 or any(n % c for n in lattice) or kernel // 2 > c:
+            raise table.error("coarse", f"{c} is not a coarse extent of the lattice {lattice} "
+                                        f"(even, dividing every extent, at least "
+                                        f"{max(2, kernel // 2)})")
+    if list(levels) != sorted(set(levels)):
+        raise table.error("coarse", f"must increase from coarse to fine, got {levels}")
+    return tuple(levels)
 
 
 def _positive(table: Table, name: str, default: int) -> int:

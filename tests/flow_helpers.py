@@ -15,9 +15,12 @@ ARCHS = {
 ARCHS["phi4-fourier"] = {**ARCHS["phi4"], "base": "fourier"}
 ARCHS["phi4-spline"] = {**ARCHS["phi4"], "transform": "spline", "n_bins": 4, "spline_bound": 1.5}
 ARCHS["phi4-spline-z2"] = {**ARCHS["phi4-spline"], "z2": True}
+ARCHS["phi4-multiscale"] = {**ARCHS["phi4-spline"], "base": "fourier", "coarse": [2, 4],
+                            "coarse_couplings": 2}
 ARCHS["u1-spline"] = {**ARCHS["u1"], "transform": "spline", "n_bins": 4}
 #: Action parameters for the flows' base densities (the U(1) default, the plaquette prior).
 PARAMS = {"phi4": None, "phi4-fourier": None, "phi4-spline": None, "phi4-spline-z2": None,
+          "phi4-multiscale": None,
           "u1": {"beta": 1.5}, "u1-spline": {"beta": 1.5}}
 
 

@@ -100,6 +100,34 @@ def test_a_chain_that_changes_the_architecture_is_refused(tmp_path: Path):
         recipe_chain(load_recipe(tmp_path / "b.toml"))
 
 
+PHI4_FLOW = '[flow]\nbase = "fourier"\ntransform = "spline"\nn_couplings = 2\nhidden = [2]\n'
+
+
+def test_a_link_may_add_coarse_levels_which_start_as_the_identity(tmp_path: Path):
+    (tmp_path / "a.toml").write_text(_recipe(1.0, steps=3, theory="phi4", flow=PHI4_FLOW))
+    grown = PHI4_FLOW + "coarse = [2]\ncoarse_couplings = 2\n"
+    (tmp_path / "b.toml").write_text(_recipe(1.0, steps=0, theory="phi4", flow=grown,
+                                             init_from="a.toml"))
+    assert main(["-q", "run", str(tmp_path / "b.toml")]) == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    # the base and the two couplings moved past the coarse level, unchanged
+    assert torch.equal(b["couplings.0.log_coefficients"], a["couplings.0.log_coefficients"])
+    for i in (1, 2):
+        for key in [k for k in a if k.startswith(f"couplings.{i}.")]:
+            assert torch.equal(b[key.replace(f"couplings.{i}.", f"couplings.{i + 1}.")], a[key])
+    last = [k for k in b if k.startswith("couplings.1.layers.1.net.") and k.endswith("weight")]
+    assert all(b[k].abs().max() == 0 for k in last[-1:])  # fresh coarse coupling: zero output
+    # dropping coarse levels, or adding them to a flow that has some, stays refused
+    (tmp_path / "c.toml").write_text(_recipe(1.0, steps=0, theory="phi4", flow=PHI4_FLOW,
+                                             init_from="b.toml"))
+    more = grown.replace("coarse = [2]", "coarse = [2, 4]")
+    (tmp_path / "d.toml").write_text(_recipe(1.0, steps=0, theory="phi4", flow=more,
+                                             init_from="b.toml"))
+    for name in ("c.toml", "d.toml"):
+        with pytest.raises(LatticeflowError, match="architecture"):
+            recipe_chain(load_recipe(tmp_path / name))
+
+
 def test_init_from_must_name_an_existing_other_recipe(tmp_path: Path):
     (tmp_path / "a.toml").write_text(_recipe(1.0, steps=1, init_from="missing.toml"))
     with pytest.raises(LatticeflowError, match="init_from"):

@@ -9,7 +9,8 @@ from latticeflow.flows.ncp import NCPParams, ncp, ncp_inverse
 from latticeflow.flows.rootfind import default_tolerance
 from latticeflow.lattice import gauge_transform
 
-THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "phi4-spline-z2", "u1", "u1-spline"]
+THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "phi4-spline-z2", "phi4-multiscale", "u1",
+            "u1-spline"]
 
 
 def _difference(theory, a, b):

@@ -19,6 +19,7 @@ from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.fourier import FourierGaussian
+from latticeflow.flows.multiscale import BlockedLayers
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.flows.spline_coupling import SplineCoupling
 from latticeflow.lattice import checkerboard
@@ -76,7 +77,8 @@ class AffineCoupling(MaskedCoupling):
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int] = (16, 16),
             kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
             fourier_terms: int = 3, transform: str = "affine", n_bins: int = 8,
-            spline_bound: float = 3.0, z2: bool = False) -> Flow:
+            spline_bound: float = 3.0, z2: bool = False, coarse: Sequence[int] = (),
+            coarse_couplings: int = 4) -> Flow:
     """A coupling flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
     ``base``: ``"normal"`` (a standard normal per site) or ``"fourier"`` (the same noise through
@@ -86,6 +88,12 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
     [−``spline_bound``, ``spline_bound``]; ``z2``: Z₂-equivariant splines). Mask period 2: the
     flow is equivariant under translations by two sites along any axis, and with ``z2`` (both
     bases are even) under φ → −φ.
+
+    ``coarse``: extents C of coarse lattices (C sites on every axis; C even and dividing every
+    extent), applied coarse to fine after the base: each gets ``coarse_couplings`` couplings of
+    the same kind on the block means (:class:`~latticeflow.flows.multiscale.BlockedLayers`),
+    before the ``n_couplings`` couplings on the lattice itself. The coarse levels keep Z₂
+    (blocking is linear) but are equivariant only under translations by two blocks.
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
@@ -96,13 +104,22 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
         raise ValueError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
     if z2 and transform != "spline":
         raise ValueError("z2 needs the spline transform")
+    if any(c % 2 or c < 2 or kernel_size // 2 > c for c in coarse):
+        raise ValueError(f"coarse lattice extents must be even and at least half the kernel "
+                         f"size, got {list(coarse)}")
+
+    def couplings(grid: tuple[int, ...], count: int) -> list[torch.nn.Module]:
+        return [AffineCoupling(checkerboard(grid, k % 2), hidden, kernel_size, activation)
+                if transform == "affine" else
+                SplineCoupling(checkerboard(grid, k % 2), hidden, kernel_size, activation,
+                               n_bins, spline_bound, z2)
+                for k in range(count)]
+
     layers: list[torch.nn.Module] = []
     if base == "fourier":
         layers.append(FourierGaussian(tuple(lattice), fourier_terms))
-    for k in range(n_couplings):
-        mask = checkerboard(lattice, k % 2)
-        layers.append(AffineCoupling(mask, hidden, kernel_size, activation)
-                      if transform == "affine" else
-                      SplineCoupling(mask, hidden, kernel_size, activation, n_bins, spline_bound,
-                                     z2))
+    for c in coarse:
+        grid = (c,) * len(lattice)
+        layers.append(BlockedLayers(tuple(lattice), grid, couplings(grid, coarse_couplings)))
+    layers += couplings(tuple(lattice), n_couplings)
     return Flow(NormalPrior(tuple(lattice)), layers)

@@ -32,6 +32,7 @@ from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, recipe_from_dict
 from latticeflow.ensemble import sync_folder
 from latticeflow.flows import DEFAULT_ARCHITECTURE, Flow, build_flow
+from latticeflow.flows.multiscale import with_coarse_levels
 from latticeflow.theories import Action, action_from_table
 
 CHECKPOINT_FORMAT = "latticeflow-checkpoint"
@@ -50,11 +51,14 @@ _RESUMABLE_SECTIONS = ("sampling.", "analysis.")
 #: it had NCP maps, which do not read ``n_bins`` (the default stands in for it).
 LEGACY_U1_ARCHITECTURE = {"prior": "uniform", "transform": "ncp",
                           "n_bins": DEFAULT_ARCHITECTURE["u1"]["n_bins"]}
-#: φ⁴ checkpoints written before the Fourier base, spline couplings and ``z2``: the defaults
-#: (RealNVP on a normal base, splines without the Z₂ symmetrisation).
+#: φ⁴ checkpoints written before the Fourier base, spline couplings, ``z2`` and coarse levels:
+#: the defaults (RealNVP on a normal base, splines without the Z₂ symmetrisation, no levels).
 LEGACY_PHI4_ARCHITECTURE = {key: DEFAULT_ARCHITECTURE["phi4"][key] for key in
                             ("base", "fourier_terms", "transform", "n_bins", "spline_bound",
-                             "z2")}
+                             "z2", "coarse", "coarse_couplings")}
+#: ``[flow]`` keys that a run may add to the flow it starts from (``init_from``): coarse levels,
+#: which start as the identity (:func:`latticeflow.flows.multiscale.with_coarse_levels`).
+COARSE_KEYS = ("coarse", "coarse_couplings")
 _CHECKPOINT_KEYS = ("theory", "lattice", "architecture", "dtype", "action", "recipe", "model",
                     "optimizer", "scheduler", "step", "rng", "ess", "ess_step", "skipped_steps",
                     "wall_time")
@@ -237,17 +241,39 @@ def check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int,
 
 def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Refuse the weights of checkpoint ``path`` (contents ``state``) as the start of a run of
-    ``recipe`` unless theory and architecture are the same (the lattice may differ)."""
+    ``recipe`` unless theory and architecture are the same (the lattice may differ), or the
+    recipe only adds coarse levels (:func:`adds_coarse_levels`)."""
     if state["theory"] != recipe.theory:
         raise LatticeflowError(f"--init-from {path}: the checkpoint is a {state['theory']} "
                                f"flow, the recipe trains a {recipe.theory} flow")
     ours = recipe.architecture_dict()
     theirs = _with_legacy_keys(state["theory"], state["architecture"])
-    if theirs != ours:
+    if theirs != ours and not adds_coarse_levels(theirs, ours):
         diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
                          for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k))
         raise LatticeflowError(f"--init-from {path}: architecture differs from the "
                                f"recipe's [flow] ({diff})")
+
+
+def adds_coarse_levels(parent: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
+    """Whether the φ⁴ architecture ``child`` is ``parent`` (which has no coarse levels) with
+    coarse levels added, and otherwise the same."""
+    def rest(arch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()
+                if k not in COARSE_KEYS}
+    return not parent.get("coarse") and bool(child.get("coarse")) and rest(parent) == rest(child)
+
+
+def initial_weights(state: dict[str, Any], recipe: Recipe, fresh: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """The weights a run of ``recipe`` starts from, out of checkpoint contents ``state`` (passed
+    by :func:`check_init_from`): its weights, with identity coarse levels (``fresh``, the
+    recipe's own fresh start) where the recipe adds them."""
+    ours = recipe.architecture_dict()
+    if not adds_coarse_levels(_with_legacy_keys(state["theory"], state["architecture"]), ours):
+        return state["model"]
+    return with_coarse_levels(state["model"], fresh, int(ours["base"] == "fourier"),
+                              len(ours["coarse"]))
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "LoadedFlow",

@@ -16,7 +16,12 @@ from typing import Any
 
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
-from latticeflow.training.checkpoint import CHECKPOINT_NAME, read_checkpoint, refuse_other_recipe
+from latticeflow.training.checkpoint import (
+    CHECKPOINT_NAME,
+    adds_coarse_levels,
+    read_checkpoint,
+    refuse_other_recipe,
+)
 from latticeflow.training.rundir import open_trainer
 
 log = logging.getLogger("latticeflow")
@@ -39,9 +44,11 @@ def recipe_lineage(recipe: Recipe, overrides: dict[str, Any] | None = None) -> l
         if parent.theory != child.theory:
             raise LatticeflowError(f"{child.source}: init_from {parent_path.name} changes the "
                                    f"theory ({parent.theory} → {child.theory})")
-        if parent.architecture != child.architecture:
+        if parent.architecture != child.architecture and not adds_coarse_levels(
+                parent.architecture, child.architecture):
             raise LatticeflowError(f"{child.source}: init_from {parent_path.name} has another "
-                                   f"[flow] architecture; a chain keeps the architecture")
+                                   f"[flow] architecture; a chain keeps the architecture (a "
+                                   f"link may only add coarse levels)")
         seen.append(parent_path)
         ancestors.insert(0, parent)
         child = parent

@@ -87,6 +87,7 @@ from latticeflow.training.checkpoint import (
     check_init_from,
     check_resumable,
     checkpoint_path,
+    initial_weights,
     load_weights,
     read_checkpoint,
 )
@@ -227,17 +228,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def init_from(self, path: str | os.PathLike) -> None:
-        """Start from the weights of another run (same theory and architecture; any lattice),
-        unless the floor (``training.init_floor``) finds this recipe's own start better."""
+        """Start from the weights of another run (same theory and architecture, or the same with
+        coarse levels added; any lattice), unless the floor (``training.init_floor``) finds this
+        recipe's own start better."""
         path = checkpoint_path(path)
         state, _ = read_checkpoint(path)
         check_init_from(state, self.recipe, path)
-        fresh = ({k: v.clone() for k, v in self.flow.state_dict().items()}
-                 if self.config.init_floor else None)
-        load_weights(self.flow, state["model"], path)
+        fresh = {k: v.clone() for k, v in self.flow.state_dict().items()}
+        load_weights(self.flow, initial_weights(state, self.recipe, fresh), path)
         if state["action"] != dict(self.recipe.action_card):
             log.info("initialising from a flow trained for %s", state["action"])
-        if fresh is not None and not self.apply_init_floor(fresh):
+        if self.config.init_floor and not self.apply_init_floor(fresh):
             self.started_fresh = True
             return
         log.info("initialised weights from %s (step %d, lattice %s)", path, state["step"],
