@@ -7,8 +7,10 @@ The variants: the Fourier Gaussian base alone; RealNVP (affine couplings) on a n
 Fourier base; spline couplings on a normal and on a Fourier base; the last with the standard
 reverse-KL estimator instead of the fast path; and Z₂-equivariant splines on a Fourier base.
 ``--transfer`` also measures each trained flow, untrained there, on larger
-lattices. Writes ``ablation.md`` and ``ablation.json`` into ``--out``. Run it on an otherwise idle
-machine.
+lattices. With ``--init RUN`` every variant starts from that run's trained weights instead: the
+variants are then the trained flow continued as it is and with coarse levels added (identity at
+first; ``latticeflow/flows/multiscale.py``). Writes ``ablation.md`` and ``ablation.json`` into
+``--out``. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from latticeflow import script_support as ss
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.studies import ablation
 from latticeflow.theories import load_action_card
+from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint, with_legacy_keys
 
 EXAMPLES = ("python analysis/phi4_ablation.py actions/phi4_critical_L32.toml --L 32 "
-            "--seconds 240 --out docs/phi4",)
+            "--seconds 240 --out docs/phi4",
+            "python analysis/phi4_ablation.py actions/phi4_critical_L32.toml --L 32 --init "
+            "RUN --seconds 300 --batch 8 --lr 0.003 --out DIR")
 OUTPUTS = ("ablation.md", "ablation.json")
 FOURIER, SPLINE = {"base": "fourier"}, {"transform": "spline"}
 VARIANTS = [
@@ -34,6 +39,17 @@ VARIANTS = [
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}),
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}, "reverse-standard"),
     ablation.Variant("Z₂ spline, Fourier base", {**SPLINE, **FOURIER, "z2": True}),
+]
+
+#: Variants with ``--init``: overrides of the trained flow's architecture (coarse levels only).
+GROWN_VARIANTS = [
+    ablation.Variant("the trained flow, continued"),
+    ablation.Variant("+ coarse levels 4, 8, 16 (2 couplings each)",
+                     {"coarse": [4, 8, 16], "coarse_couplings": 2}),
+    ablation.Variant("+ coarse levels 4, 8, 16 (4 couplings each)",
+                     {"coarse": [4, 8, 16], "coarse_couplings": 4}),
+    ablation.Variant("+ coarse levels 2, 4, 8, 16 (2 couplings each)",
+                     {"coarse": [2, 4, 8, 16], "coarse_couplings": 2}),
 ]
 
 
@@ -50,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also measure each trained flow on these (even) extents")
     parser.add_argument("--fresh", type=int, default=16384,
                         help="fresh samples for the ESS (default: 16384)")
+    parser.add_argument("--init", type=Path, metavar="RUN",
+                        help="start every variant from this run's (or checkpoint's) weights")
     parser.add_argument("--only", type=int, nargs="+", metavar="I",
                         help="run only these variants (0-based indices)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -68,22 +86,37 @@ def run(args: argparse.Namespace) -> int:
     existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
     if existing and not args.force:
         raise LatticeflowError(f"{existing[0]} exists; use --force to replace it")
-    variants = [VARIANTS[i] for i in args.only] if args.only else VARIANTS
+    start = None if args.init is None else _start(args.init)
+    catalogue = VARIANTS if start is None else GROWN_VARIANTS
+    if args.only and not all(0 <= i < len(catalogue) for i in args.only):
+        raise LatticeflowError(f"--only: variant indices run from 0 to {len(catalogue) - 1}")
+    variants = [catalogue[i] for i in args.only] if args.only else catalogue
     settings = ablation.AblationSettings(seconds=args.seconds, batch_size=args.batch,
                                          n_fresh=args.fresh, lr=args.lr,
                                          transfer=tuple(args.transfer))
-    rows = ablation.run_ablation(variants, action, (args.L, args.L), settings)
+    rows = ablation.run_ablation(variants, action, (args.L, args.L), settings, start=start)
     ss.check_output_dir(args.out)
+    origin = "from scratch" if args.init is None else f"from the weights of {args.init}"
     title = (f"φ⁴ ablation, {args.card.name} on {args.L}×{args.L}: {args.seconds:.0f} s of "
-             f"training per variant, batch {args.batch}, peak learning rate {args.lr:g}, "
+             f"training per variant {origin}, batch {args.batch}, peak learning rate {args.lr:g}, "
              f"ESS on {args.fresh} fresh samples.")
     table = ablation.markdown_table(rows, title)
     (args.out / "ablation.md").write_text(table + "\n")
     ss.write_json(args.out / "ablation.json", {"settings": vars(settings),
                                                "card": str(args.card), "L": args.L,
+                                               "init": None if args.init is None
+                                               else str(args.init),
                                                "rows": ablation.records(rows)})
     print(table)
     return ss.EXIT_OK
+
+
+def _start(run: Path) -> ablation.Start:
+    """The trained weights of ``run`` (any φ⁴ action), refused unless they are a φ⁴ flow."""
+    state, _ = read_checkpoint(checkpoint_path(run))
+    if state["theory"] != "phi4":
+        raise LatticeflowError(f"--init {run}: a {state['theory']} flow; the ablation needs phi4")
+    return ablation.Start(with_legacy_keys("phi4", state["architecture"]), state["model"])
 
 
 def main(argv: list[str] | None = None) -> int:

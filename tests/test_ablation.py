@@ -6,6 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
+from latticeflow.cli import main
+
 _SPEC = importlib.util.spec_from_file_location(
     "ablation_script", Path(__file__).parents[1] / "analysis" / "phi4_ablation.py")
 ablation_script = importlib.util.module_from_spec(_SPEC)
@@ -50,3 +54,42 @@ def test_refuses_a_u1_card(tmp_path: Path, capsys):
     args = [str(ROOT / "actions" / "u1_beta2.toml"), "--L", "4", "--out", str(tmp_path), "-q"]
     assert ablation_script.main(args) == 2
     assert "phi4" in capsys.readouterr().err
+
+
+def _trained_phi4_run(tmp_path: Path) -> Path:
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('action = {theory = "phi4", form = "standard", m2 = -4, lam = 8}\n'
+                      'lattice = [16, 16]\ndevice = "cpu"\ndtype = "float64"\n'
+                      '[flow]\nbase = "fourier"\ntransform = "spline"\nn_couplings = 2\n'
+                      'hidden = [2]\n[training]\nsteps = 2\nbatch_size = 4\ness_batch = 16\n')
+    assert main(["-q", "train", str(recipe)]) == 0
+    return tmp_path / "tiny"
+
+
+def test_variants_from_trained_weights(tmp_path: Path):
+    run = _trained_phi4_run(tmp_path)
+    start = ablation_script._start(run)
+    continued, grown = (start.flow(v, (16, 16)) for v in ablation_script.GROWN_VARIANTS[:2])
+    x = continued.sample(4)[0].detach()
+    # the added coarse levels start as the identity: the same density as the trained flow
+    torch.testing.assert_close(grown.log_prob(x), continued.log_prob(x))
+    out = tmp_path / "out"
+    args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "16", "--init", str(run),
+            "--seconds", "0.3", "--batch", "4", "--fresh", "32", "--only", "0", "1",
+            "--out", str(out), "-q"]
+    assert ablation_script.main(args) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["architecture"]["coarse"] for r in rows] == [[], [4, 8, 16]]
+    assert rows[1]["parameters"] > rows[0]["parameters"] and all(r["steps"] >= 1 for r in rows)
+    assert "from the weights of" in (out / "ablation.md").read_text()
+
+
+def test_refuses_a_missing_init_run_and_unknown_variants(tmp_path: Path, capsys):
+    card = str(ROOT / "actions" / "phi4_m2-4_lam8.toml")
+    assert ablation_script.main([card, "--L", "16", "--init", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "out"), "-q"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert ablation_script.main([card, "--L", "4", "--only", "9", "--out",
+                                 str(tmp_path / "out"), "-q"]) == 2
+    assert "--only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

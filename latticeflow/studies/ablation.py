@@ -1,7 +1,8 @@
 """Ablation of the φ⁴ flow's levers at an equal wall-clock training budget.
 
-Each variant (an architecture override and an estimator) is trained from scratch on the same
-target for the same number of wall-clock seconds, with Adam, a linear warm-up and a cosine decay
+Each variant (an architecture override and an estimator) is trained from scratch, or from the
+same trained weights (:class:`Start`), on the same target for the same number of wall-clock
+seconds, with Adam, a linear warm-up and a cosine decay
 of the learning rate over the *time* budget (so every variant ends its schedule when its time is
 up, whatever its cost per step). Its ESS is then measured on ``n_fresh`` fresh independent
 samples, which are not part of the training budget. Rows report steps, seconds per step, the
@@ -21,6 +22,7 @@ from latticeflow.estimators import get_estimator
 from latticeflow.flows import build_flow
 from latticeflow.flows.samples import fresh_ess
 from latticeflow.theories import Action
+from latticeflow.training.checkpoint import adds_coarse_levels, inherited_weights
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,27 @@ class AblationSettings:
     transfer: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Start:
+    """Trained weights every variant starts from (a checkpoint's ``architecture`` and ``model``):
+    a variant's overrides then apply to that architecture and may only add coarse levels, which
+    start as the identity (:func:`~latticeflow.flows.multiscale.with_coarse_levels`)."""
+
+    architecture: dict[str, Any]
+    model: dict[str, torch.Tensor]
+
+    def flow(self, variant: Variant, lattice: tuple[int, ...]) -> torch.nn.Module:
+        """The variant's flow on ``lattice``, holding the start's weights."""
+        architecture = {**self.architecture, **variant.architecture}
+        if architecture != self.architecture and not adds_coarse_levels(self.architecture,
+                                                                         architecture):
+            raise ValueError(f"variant {variant.label!r} changes more than coarse levels")
+        flow = build_flow("phi4", lattice, architecture)
+        flow.load_state_dict(inherited_weights(self.model, self.architecture, architecture,
+                                               flow.state_dict()))
+        return flow
+
+
 @dataclass
 class AblationRow:
     label: str
@@ -65,11 +88,13 @@ class AblationRow:
 
 
 def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
-              settings: AblationSettings) -> tuple[torch.nn.Module, int, float, float]:
-    """Train ``variant`` for ``settings.seconds``; returns (flow, steps, seconds, objective of
-    the last 20 steps)."""
+              settings: AblationSettings, start: Start | None = None
+              ) -> tuple[torch.nn.Module, int, float, float]:
+    """Train ``variant`` for ``settings.seconds``, from scratch or from ``start``; returns
+    (flow, steps, seconds, objective of the last 20 steps)."""
     torch.manual_seed(settings.seed)
-    flow = build_flow("phi4", lattice, variant.architecture)
+    flow = (build_flow("phi4", lattice, variant.architecture) if start is None
+            else start.flow(variant, lattice))
     estimator = get_estimator(variant.estimator)
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr)
     recent: list[float] = []
@@ -90,11 +115,16 @@ def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
 
 
 def run_ablation(variants: list[Variant], action: Action, lattice: tuple[int, ...],
-                 settings: AblationSettings, log=print) -> list[AblationRow]:
-    """Every variant in turn (one at a time, so that they share the machine equally)."""
+                 settings: AblationSettings, log=print, start: Start | None = None
+                 ) -> list[AblationRow]:
+    """Every variant in turn (one at a time, so that they share the machine equally), each from
+    scratch or each from ``start``."""
     rows = []
     for variant in variants:
-        flow, steps, seconds, objective = train_for(variant, action, lattice, settings)
+        flow, steps, seconds, objective = train_for(variant, action, lattice, settings, start)
+        if start is not None:
+            variant = Variant(variant.label, {**start.architecture, **variant.architecture},
+                              variant.estimator)
         value, ess_s = fresh_ess(flow, action, settings.n_fresh, settings.fresh_batch,
                                  torch.Generator().manual_seed(settings.seed + 1))
         row = AblationRow(variant.label, variant.architecture, variant.estimator,

@@ -149,7 +149,7 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, device: str | torch.devi
 
 def build_checkpoint_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, Any],
            action_params: Mapping[str, Any], source: str | os.PathLike) -> Flow:
-    architecture = _with_legacy_keys(theory, architecture)
+    architecture = with_legacy_keys(theory, architecture)
     try:
         return build_flow(theory, lattice, architecture, action_params)
     except (ValueError, TypeError) as exc:
@@ -187,7 +187,7 @@ def atomic_save(state: dict[str, Any], path: Path, kept: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _with_legacy_keys(theory: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
+def with_legacy_keys(theory: str, architecture: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's architecture (or recipe ``[flow]``) with the keys it predates filled in."""
     legacy = LEGACY_U1_ARCHITECTURE if theory == "u1" else LEGACY_PHI4_ARCHITECTURE
     return {**legacy, **architecture}
@@ -209,7 +209,7 @@ def refuse_other_recipe(state: dict[str, Any], recipe: Recipe, message: str) -> 
     trajectory (anything beyond :data:`RESUMABLE_CHANGES` and the sampling and analysis
     sections). Raises :class:`LatticeflowError` with ``message``, whose ``{differences}``
     becomes the differing keys, ``"key (old → new); ..."``."""
-    old_recipe = {**state["recipe"], "flow": _with_legacy_keys(
+    old_recipe = {**state["recipe"], "flow": with_legacy_keys(
         state["theory"], state["recipe"].get("flow", {}))}
     old, new = _flatten(old_recipe), _flatten(recipe.to_dict())
     differences = [f"{key} ({old.get(key)!r} → {new.get(key)!r})"
@@ -247,7 +247,7 @@ def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
         raise LatticeflowError(f"--init-from {path}: the checkpoint is a {state['theory']} "
                                f"flow, the recipe trains a {recipe.theory} flow")
     ours = recipe.architecture_dict()
-    theirs = _with_legacy_keys(state["theory"], state["architecture"])
+    theirs = with_legacy_keys(state["theory"], state["architecture"])
     if theirs != ours and not adds_coarse_levels(theirs, ours):
         diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
                          for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k))
@@ -264,16 +264,25 @@ def adds_coarse_levels(parent: Mapping[str, Any], child: Mapping[str, Any]) -> b
     return not parent.get("coarse") and bool(child.get("coarse")) and rest(parent) == rest(child)
 
 
+def inherited_weights(model: dict[str, torch.Tensor], parent: Mapping[str, Any],
+                      child: Mapping[str, Any], fresh: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """The weights ``model`` of a flow of architecture ``parent`` for a flow of architecture
+    ``child`` (fresh weights ``fresh``): as they are, or with identity coarse levels where
+    ``child`` adds them (:func:`adds_coarse_levels`)."""
+    if not adds_coarse_levels(parent, child):
+        return model
+    return with_coarse_levels(model, fresh, int(child["base"] == "fourier"),
+                              len(child["coarse"]))
+
+
 def initial_weights(state: dict[str, Any], recipe: Recipe, fresh: dict[str, torch.Tensor]
                     ) -> dict[str, torch.Tensor]:
     """The weights a run of ``recipe`` starts from, out of checkpoint contents ``state`` (passed
-    by :func:`check_init_from`): its weights, with identity coarse levels (``fresh``, the
-    recipe's own fresh start) where the recipe adds them."""
-    ours = recipe.architecture_dict()
-    if not adds_coarse_levels(_with_legacy_keys(state["theory"], state["architecture"]), ours):
-        return state["model"]
-    return with_coarse_levels(state["model"], fresh, int(ours["base"] == "fourier"),
-                              len(ours["coarse"]))
+    by :func:`check_init_from`); ``fresh``: the recipe's own fresh start."""
+    return inherited_weights(state["model"],
+                             with_legacy_keys(state["theory"], state["architecture"]),
+                             recipe.architecture_dict(), fresh)
 
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "LoadedFlow",
