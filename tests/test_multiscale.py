@@ -102,3 +102,15 @@ def test_recipe_keys(tmp_path):
         path.write_text('action = {theory = "u1", beta = 2.0}\nlattice = [8, 8]\n'
                         '[flow]\ncoarse = [4]\n')
         load_recipe(path)
+
+
+def test_score_matches_finite_differences():
+    flow = random_flow("phi4-multiscale", (8, 8))
+    x, _, score = flow.forward_and_score(flow.sample_prior(3))
+    x = x.detach()
+    direction = torch.randn_like(x)
+    h = 1e-5
+    with torch.no_grad():
+        slope = (flow.log_prob(x + h * direction) - flow.log_prob(x - h * direction)) / (2 * h)
+    torch.testing.assert_close(slope, (score * direction).flatten(1).sum(1), rtol=1e-6,
+                               atol=1e-6)
