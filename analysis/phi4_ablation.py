@@ -23,7 +23,6 @@ from latticeflow import script_support as ss
 from latticeflow.base.errors import LatticeflowError
 from latticeflow.studies import ablation
 from latticeflow.theories import load_action_card
-from latticeflow.training.checkpoint import checkpoint_path, read_checkpoint, with_legacy_keys
 
 EXAMPLES = ("python analysis/phi4_ablation.py actions/phi4_critical_L32.toml --L 32 "
             "--seconds 240 --out docs/phi4",
@@ -40,18 +39,6 @@ VARIANTS = [
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}, "reverse-standard"),
     ablation.Variant("Z₂ spline, Fourier base", {**SPLINE, **FOURIER, "z2": True}),
 ]
-
-#: Variants with ``--init``: overrides of the trained flow's architecture (coarse levels only).
-GROWN_VARIANTS = [
-    ablation.Variant("the trained flow, continued"),
-    ablation.Variant("+ coarse levels 4, 8, 16 (2 couplings each)",
-                     {"coarse": [4, 8, 16], "coarse_couplings": 2}),
-    ablation.Variant("+ coarse levels 4, 8, 16 (4 couplings each)",
-                     {"coarse": [4, 8, 16], "coarse_couplings": 4}),
-    ablation.Variant("+ coarse levels 2, 4, 8, 16 (2 couplings each)",
-                     {"coarse": [2, 4, 8, 16], "coarse_couplings": 2}),
-]
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ss.script_parser("phi4_ablation.py", __doc__, EXAMPLES)
@@ -86,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     existing = [args.out / name for name in OUTPUTS if (args.out / name).exists()]
     if existing and not args.force:
         raise LatticeflowError(f"{existing[0]} exists; use --force to replace it")
-    start = None if args.init is None else _start(args.init)
-    catalogue = VARIANTS if start is None else GROWN_VARIANTS
+    start = None if args.init is None else ablation.Start.from_run(args.init)
+    catalogue = VARIANTS if start is None else ablation.COARSE_LEVEL_VARIANTS
     if args.only and not all(0 <= i < len(catalogue) for i in args.only):
         raise LatticeflowError(f"--only: variant indices run from 0 to {len(catalogue) - 1}")
     variants = [catalogue[i] for i in args.only] if args.only else catalogue
@@ -109,14 +96,6 @@ def run(args: argparse.Namespace) -> int:
                                                "rows": ablation.records(rows)})
     print(table)
     return ss.EXIT_OK
-
-
-def _start(run: Path) -> ablation.Start:
-    """The trained weights of ``run`` (any φ⁴ action), refused unless they are a φ⁴ flow."""
-    state, _ = read_checkpoint(checkpoint_path(run))
-    if state["theory"] != "phi4":
-        raise LatticeflowError(f"--init {run}: a {state['theory']} flow; the ablation needs phi4")
-    return ablation.Start(with_legacy_keys("phi4", state["architecture"]), state["model"])
 
 
 def main(argv: list[str] | None = None) -> int:

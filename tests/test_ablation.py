@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from latticeflow.cli import main
+from latticeflow.studies import ablation
 
 _SPEC = importlib.util.spec_from_file_location(
     "ablation_script", Path(__file__).parents[1] / "analysis" / "phi4_ablation.py")
@@ -68,8 +69,8 @@ def _trained_phi4_run(tmp_path: Path) -> Path:
 
 def test_variants_from_trained_weights(tmp_path: Path):
     run = _trained_phi4_run(tmp_path)
-    start = ablation_script._start(run)
-    continued, grown = (start.flow(v, (16, 16)) for v in ablation_script.GROWN_VARIANTS[:2])
+    start = ablation.Start.from_run(run)
+    continued, grown = (start.flow(v, (16, 16)) for v in ablation.COARSE_LEVEL_VARIANTS[:2])
     x = continued.sample(4)[0].detach()
     # the added coarse levels start as the identity: the same density as the trained flow
     torch.testing.assert_close(grown.log_prob(x), continued.log_prob(x))

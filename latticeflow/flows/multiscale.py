@@ -78,46 +78,40 @@ class BlockedLayers(nn.Module):
         repeated = c.reshape(self._split_shape(batch, block=False))
         return repeated.expand(self._split_shape(batch)).reshape(batch, *self.lattice)
 
-    def _stack(self, c: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        total = c.new_zeros(c.shape[0])
+    def _through_stack(self, x: Tensor, score: Tensor | None, inverse: bool
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x + U(g(c) − c) with c = Dx and g the stack (run backwards with ``inverse``), its
+        log-determinant, and with a ``score`` s the new score s + Dᵀ(s'_c − s_c), s_c = Uᵀs."""
+        c = self.block_sum(x) / self.volume
+        mapped, total = c, c.new_zeros(c.shape[0])
+        score_c = coarse_score = None if score is None else self.block_sum(score)
         for layer in (reversed(self.layers) if inverse else self.layers):
-            c, log_det = layer.inverse(c) if inverse else layer(c)
+            if score is None:
+                mapped, log_det = layer.inverse(mapped) if inverse else layer(mapped)
+            else:
+                step = layer.inverse_and_score if inverse else layer.forward_and_score
+                mapped, log_det, coarse_score = step(mapped, coarse_score)
             total = total + log_det
-        return c, total
+        moved = x + self.upsample(mapped - c)
+        if score is None:
+            return moved, total, None
+        return moved, total, score + self.upsample(coarse_score - score_c) / self.volume
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x' = x + U(g(Dx) − Dx) and log|det ∂x'/∂x|."""
-        c = self.block_sum(x) / self.volume
-        mapped, log_det = self._stack(c, inverse=False)
-        return x + self.upsample(mapped - c), log_det
+        return self._through_stack(x, None, inverse=False)[:2]
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """x with forward(x) = y, and log|det ∂x/∂y|."""
-        c = self.block_sum(y) / self.volume
-        mapped, log_det = self._stack(c, inverse=True)
-        return y + self.upsample(mapped - c), log_det
+        return self._through_stack(y, None, inverse=True)[:2]
 
     def forward_and_score(self, x: Tensor, score_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x', log|det J|, s_x'): the stack's score recursion on the coarse field."""
-        c = self.block_sum(x) / self.volume
-        score_c = self.block_sum(score_x)
-        mapped, total, score = c, c.new_zeros(c.shape[0]), score_c
-        for layer in self.layers:
-            mapped, log_det, score = layer.forward_and_score(mapped, score)
-            total = total + log_det
-        return (x + self.upsample(mapped - c), total,
-                score_x + self.upsample(score - score_c) / self.volume)
+        return self._through_stack(x, score_x, inverse=False)
 
     def inverse_and_score(self, y: Tensor, score_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x, log|det ∂x/∂y|, s_x): the stack run backwards on the coarse field."""
-        c = self.block_sum(y) / self.volume
-        score_c = self.block_sum(score_y)
-        mapped, total, score = c, c.new_zeros(c.shape[0]), score_c
-        for layer in reversed(self.layers):
-            mapped, log_det, score = layer.inverse_and_score(mapped, score)
-            total = total + log_det
-        return (y + self.upsample(mapped - c), total,
-                score_y + self.upsample(score - score_c) / self.volume)
+        return self._through_stack(y, score_y, inverse=True)
 
 
 def with_coarse_levels(state: dict[str, Tensor], fresh: dict[str, Tensor], n_base_layers: int,

@@ -12,17 +12,25 @@ final training objective mean(log q + S) and the ESS.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from latticeflow.base.errors import LatticeflowError
 from latticeflow.estimators import get_estimator
 from latticeflow.flows import build_flow
 from latticeflow.flows.samples import fresh_ess
 from latticeflow.theories import Action
-from latticeflow.training.checkpoint import adds_coarse_levels, inherited_weights
+from latticeflow.training.checkpoint import (
+    can_start_from,
+    checkpoint_path,
+    inherited_weights,
+    read_checkpoint,
+    with_legacy_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,18 @@ class AblationSettings:
     transfer: tuple[int, ...] = ()
 
 
+#: Variants for a :class:`Start`: overrides of the trained flow's architecture (coarse levels).
+COARSE_LEVEL_VARIANTS = [
+    Variant("the trained flow, continued"),
+    Variant("+ coarse levels 4, 8, 16 (2 couplings each)",
+            {"coarse": [4, 8, 16], "coarse_couplings": 2}),
+    Variant("+ coarse levels 4, 8, 16 (4 couplings each)",
+            {"coarse": [4, 8, 16], "coarse_couplings": 4}),
+    Variant("+ coarse levels 2, 4, 8, 16 (2 couplings each)",
+            {"coarse": [2, 4, 8, 16], "coarse_couplings": 2}),
+]
+
+
 @dataclass(frozen=True)
 class Start:
     """Trained weights every variant starts from (a checkpoint's ``architecture`` and ``model``):
@@ -60,11 +80,23 @@ class Start:
     architecture: dict[str, Any]
     model: dict[str, torch.Tensor]
 
+    @classmethod
+    def from_run(cls, run: str | os.PathLike) -> Start:
+        """The trained weights of a run directory or checkpoint file (any φ⁴ action)."""
+        state, _ = read_checkpoint(checkpoint_path(run))
+        if state["theory"] != "phi4":
+            raise LatticeflowError(f"{run}: a {state['theory']} flow; the ablation needs phi4")
+        return cls(with_legacy_keys("phi4", state["architecture"]), state["model"])
+
+    def variant(self, variant: Variant) -> Variant:
+        """``variant`` with its overrides resolved against the start's architecture."""
+        return Variant(variant.label, {**self.architecture, **variant.architecture},
+                       variant.estimator)
+
     def flow(self, variant: Variant, lattice: tuple[int, ...]) -> torch.nn.Module:
         """The variant's flow on ``lattice``, holding the start's weights."""
-        architecture = {**self.architecture, **variant.architecture}
-        if architecture != self.architecture and not adds_coarse_levels(self.architecture,
-                                                                         architecture):
+        architecture = self.variant(variant).architecture
+        if not can_start_from(self.architecture, architecture):
             raise ValueError(f"variant {variant.label!r} changes more than coarse levels")
         flow = build_flow("phi4", lattice, architecture)
         flow.load_state_dict(inherited_weights(self.model, self.architecture, architecture,
@@ -123,8 +155,7 @@ def run_ablation(variants: list[Variant], action: Action, lattice: tuple[int, ..
     for variant in variants:
         flow, steps, seconds, objective = train_for(variant, action, lattice, settings, start)
         if start is not None:
-            variant = Variant(variant.label, {**start.architecture, **variant.architecture},
-                              variant.estimator)
+            variant = start.variant(variant)
         value, ess_s = fresh_ess(flow, action, settings.n_fresh, settings.fresh_batch,
                                  torch.Generator().manual_seed(settings.seed + 1))
         row = AblationRow(variant.label, variant.architecture, variant.estimator,

@@ -248,20 +248,30 @@ def check_init_from(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
                                f"flow, the recipe trains a {recipe.theory} flow")
     ours = recipe.architecture_dict()
     theirs = with_legacy_keys(state["theory"], state["architecture"])
-    if theirs != ours and not adds_coarse_levels(theirs, ours):
+    if not can_start_from(theirs, ours):
         diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
                          for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k))
         raise LatticeflowError(f"--init-from {path}: architecture differs from the "
                                f"recipe's [flow] ({diff})")
 
 
+def _plain(arch: Mapping[str, Any], without: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An architecture with sequences as lists (recipes hold tuples, checkpoints lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()
+            if k not in without}
+
+
 def adds_coarse_levels(parent: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
     """Whether the φ⁴ architecture ``child`` is ``parent`` (which has no coarse levels) with
     coarse levels added, and otherwise the same."""
-    def rest(arch: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()
-                if k not in COARSE_KEYS}
-    return not parent.get("coarse") and bool(child.get("coarse")) and rest(parent) == rest(child)
+    return (not parent.get("coarse") and bool(child.get("coarse"))
+            and _plain(parent, COARSE_KEYS) == _plain(child, COARSE_KEYS))
+
+
+def can_start_from(parent: Mapping[str, Any], child: Mapping[str, Any]) -> bool:
+    """Whether a flow of architecture ``child`` may start from weights of architecture
+    ``parent``: the same architecture, or the same with coarse levels added."""
+    return _plain(parent) == _plain(child) or adds_coarse_levels(parent, child)
 
 
 def inherited_weights(model: dict[str, torch.Tensor], parent: Mapping[str, Any],

@@ -18,7 +18,7 @@ from latticeflow.base.errors import LatticeflowError
 from latticeflow.config import Recipe, load_recipe
 from latticeflow.training.checkpoint import (
     CHECKPOINT_NAME,
-    adds_coarse_levels,
+    can_start_from,
     read_checkpoint,
     refuse_other_recipe,
 )
@@ -44,8 +44,7 @@ def recipe_lineage(recipe: Recipe, overrides: dict[str, Any] | None = None) -> l
         if parent.theory != child.theory:
             raise LatticeflowError(f"{child.source}: init_from {parent_path.name} changes the "
                                    f"theory ({parent.theory} → {child.theory})")
-        if parent.architecture != child.architecture and not adds_coarse_levels(
-                parent.architecture, child.architecture):
+        if not can_start_from(parent.architecture, child.architecture):
             raise LatticeflowError(f"{child.source}: init_from {parent_path.name} has another "
                                    f"[flow] architecture; a chain keeps the architecture (a "
                                    f"link may only add coarse levels)")
