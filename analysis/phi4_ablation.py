@@ -38,6 +38,8 @@ VARIANTS = [
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}),
     ablation.Variant("spline, Fourier base", {**SPLINE, **FOURIER}, "reverse-standard"),
     ablation.Variant("Z₂ spline, Fourier base", {**SPLINE, **FOURIER, "z2": True}),
+    ablation.Variant("spline, Fourier base, even sites by heat bath",
+                     {**SPLINE, **FOURIER, "heat_bath": True}),
 ]
 
 def build_parser() -> argparse.ArgumentParser:

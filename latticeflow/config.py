@@ -43,7 +43,10 @@ precision polynomial's terms, 3); ``z2`` bool (false): Z₂-equivariant spline c
 h(−x; −F) = −h(x; F), so that q(−φ) = q(φ) (``transform = "spline"`` only); ``coarse`` list of
 ints ([]): coarse lattices C×…×C, increasing, each C even and dividing every extent, on whose
 block means ``coarse_couplings`` int >= 1 (4) couplings of the same kind act after the base
-(``flows/multiscale.py``). A map's own size
+(``flows/multiscale.py``); ``heat_bath`` bool (false): integrate the even sites out exactly;
+the flow models the odd sites' marginal and sampling draws the even sites from their exact
+conditional (``theories/phi4_sublattice.py``; 2 or more axes, reverse-KL estimators, coarse
+blocks of an even number of sites). A map's own size
 key (``n_mixture``, ``n_bins``, ``spline_bound``) is accepted, and unused, with the other map.
 
 ``[training]``:
@@ -111,7 +114,7 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: ``[flow]`` keys of one theory's flow only, and each theory's choices of ``transform``.
 _THEORY_FLOW_KEYS = {"u1": ("n_mixture", "loop_length", "prior"),
                      "phi4": ("base", "fourier_terms", "spline_bound", "z2", "coarse",
-                              "coarse_couplings")}
+                              "coarse_couplings", "heat_bath")}
 _TRANSFORMS = {"u1": U1_TRANSFORMS, "phi4": PHI4_TRANSFORMS}
 
 
@@ -271,6 +274,9 @@ def _parse(data: dict[str, Any], source: str, base_dir: Path | None, *,
     init_from = _init_from(top, base_dir, source)
     architecture = _architecture(top.sub("flow"), action.theory, lattice)
     training = _training(top.sub("training"), base_dir, check_data)
+    if architecture.get("heat_bath") and training.direction == "forward":
+        raise ConfigError(source, "training.estimator", "a heat_bath flow trains by reverse KL "
+                                                        "(its target is the odd sites' marginal)")
     if architecture["n_couplings"] == 0 and architecture.get("prior") == "plaquette" and (
             training.steps):
         raise ConfigError(source, "training.steps", "must be 0: the plaquette prior alone "
@@ -364,6 +370,7 @@ def _architecture(table: Table, theory: str, lattice: tuple[int, ...]) -> dict[s
         arch["coarse"] = _coarse_levels(table, lattice, kernel)
         arch["coarse_couplings"] = table.integer("coarse_couplings",
                                                  defaults["coarse_couplings"], low=1)
+        arch["heat_bath"] = _heat_bath(table, lattice, arch["coarse"], defaults["heat_bath"])
     if arch["n_couplings"] == 0 and arch.get("base") != "fourier" and arch.get("prior") != (
             "plaquette"):
         raise table.error("n_couplings", "0 (a base without couplings) needs the phi4 base = "
@@ -385,6 +392,19 @@ def _coarse_levels(table: Table, lattice: tuple[int, ...], kernel: int) -> tuple
     if list(levels) != sorted(set(levels)):
         raise table.error("coarse", f"must increase from coarse to fine, got {levels}")
     return tuple(levels)
+
+
+def _heat_bath(table: Table, lattice: tuple[int, ...], coarse: tuple[int, ...],
+               default: bool) -> bool:
+    """``[flow] heat_bath``: needs two or more axes and coarse blocks of an even volume."""
+    value = table.get("heat_bath", bool, default)
+    if value and len(lattice) < 2:
+        raise table.error("heat_bath", f"needs a lattice of two or more axes, got {lattice}")
+    for c in coarse if value else ():
+        if all((n // c) % 2 for n in lattice):
+            raise table.error("coarse", f"{c}: with heat_bath a coarse block must hold an even "
+                                        f"number of sites (lattice {lattice})")
+    return value
 
 
 def _positive(table: Table, name: str, default: int) -> int:

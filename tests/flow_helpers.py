@@ -17,10 +17,13 @@ ARCHS["phi4-spline"] = {**ARCHS["phi4"], "transform": "spline", "n_bins": 4, "sp
 ARCHS["phi4-spline-z2"] = {**ARCHS["phi4-spline"], "z2": True}
 ARCHS["phi4-multiscale"] = {**ARCHS["phi4-spline"], "base": "fourier", "coarse": [2, 4],
                             "coarse_couplings": 2}
+#: The odd sites alone, the even ones integrated out (coarse blocks of 2×2 sites on 4×4).
+ARCHS["phi4-heatbath"] = {**ARCHS["phi4-spline"], "base": "fourier", "coarse": [2],
+                          "coarse_couplings": 2, "heat_bath": True}
 ARCHS["u1-spline"] = {**ARCHS["u1"], "transform": "spline", "n_bins": 4}
 #: Action parameters for the flows' base densities (the U(1) default, the plaquette prior).
 PARAMS = {"phi4": None, "phi4-fourier": None, "phi4-spline": None, "phi4-spline-z2": None,
-          "phi4-multiscale": None,
+          "phi4-multiscale": None, "phi4-heatbath": {"form": "standard", "m2": -4.0, "lam": 5.0},
           "u1": {"beta": 1.5}, "u1-spline": {"beta": 1.5}}
 
 

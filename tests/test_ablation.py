@@ -10,6 +10,7 @@ import torch
 
 from latticeflow.cli import main
 from latticeflow.studies import ablation
+from latticeflow.theories import Phi4
 
 _SPEC = importlib.util.spec_from_file_location(
     "ablation_script", Path(__file__).parents[1] / "analysis" / "phi4_ablation.py")
@@ -22,15 +23,16 @@ ROOT = Path(__file__).parents[1]
 def test_tiny_run_writes_rows_with_equal_budgets(tmp_path: Path):
     out = tmp_path / "out"
     args = [str(ROOT / "actions" / "phi4_m2-4_lam8.toml"), "--L", "4", "--seconds", "0.5",
-            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "6", "--lr", "0.01",
+            "--batch", "8", "--fresh", "64", "--only", "0", "4", "5", "6", "7", "--lr", "0.01",
             "--transfer", "6", "--out", str(out), "-q"]
     assert ablation_script.main(args) == 0
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["Fourier base alone", "spline, Fourier base",
-                                          "spline, Fourier base", "Z₂ spline, Fourier base"]
+                                          "spline, Fourier base", "Z₂ spline, Fourier base",
+                                          "spline, Fourier base, even sites by heat bath"]
     assert [r["estimator"] for r in rows][1:] == ["reverse-fastpath", "reverse-standard",
-                                                  "reverse-fastpath"]
-    assert rows[3]["architecture"]["z2"] is True
+                                                  "reverse-fastpath", "reverse-fastpath"]
+    assert rows[3]["architecture"]["z2"] is True and rows[4]["architecture"]["heat_bath"]
     assert rows[0]["parameters"] == 3        # the precision polynomial's coefficients
     for r in rows:
         assert r["steps"] >= 1 and 0.5 <= r["train_s"] < 5 and 0 < r["ess"] <= 1
@@ -70,7 +72,9 @@ def _trained_phi4_run(tmp_path: Path) -> Path:
 def test_variants_from_trained_weights(tmp_path: Path):
     run = _trained_phi4_run(tmp_path)
     start = ablation.Start.from_run(run)
-    continued, grown = (start.flow(v, (16, 16)) for v in ablation.COARSE_LEVEL_VARIANTS[:2])
+    action = Phi4(-4.0, 8.0)
+    continued, grown = (start.flow(v, (16, 16), action)
+                        for v in ablation.COARSE_LEVEL_VARIANTS[:2])
     x = continued.sample(4)[0].detach()
     # the added coarse levels start as the identity: the same density as the trained flow
     torch.testing.assert_close(grown.log_prob(x), continued.log_prob(x))

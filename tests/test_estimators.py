@@ -12,10 +12,13 @@ from flow_helpers import FlowDensityAction, random_flow
 
 from latticeflow.estimators import ESTIMATORS, direction, get_estimator
 from latticeflow.theories import Phi4, U1Wilson
+from latticeflow.theories.phi4_sublattice import Phi4EvenMarginal
 
-THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "phi4-multiscale", "u1", "u1-spline"]
+THEORIES = ["phi4", "phi4-fourier", "phi4-spline", "phi4-multiscale", "phi4-heatbath", "u1",
+            "u1-spline"]
 PHYSICAL = {"phi4": Phi4(-1.0, 1.0), "phi4-fourier": Phi4(-1.0, 1.0),
             "phi4-spline": Phi4(-1.0, 1.0), "phi4-multiscale": Phi4(-1.0, 1.0),
+            "phi4-heatbath": Phi4EvenMarginal(Phi4(-4.0, 5.0)),
             "u1": U1Wilson(1.5), "u1-spline": U1Wilson(1.5)}
 
 

@@ -16,6 +16,8 @@ __all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp
            "u1_equivariant", "DEFAULT_ARCHITECTURE", "MASK_PERIOD"]
 
 _FLOWS = {"phi4": realnvp, "u1": u1_equivariant}
+#: Constructor arguments taken from the action card rather than the architecture.
+_TARGET_ARGUMENTS = ("beta", "action_params")
 
 
 def _signature_defaults(constructor: Callable[..., Flow]) -> dict[str, Any]:
@@ -23,7 +25,7 @@ def _signature_defaults(constructor: Callable[..., Flow]) -> dict[str, Any]:
     action parameters excluded; sequences as lists, the form recipes and checkpoints store)."""
     return {name: list(p.default) if isinstance(p.default, tuple) else p.default
             for name, p in inspect.signature(constructor).parameters.items()
-            if p.default is not inspect.Parameter.empty and name != "beta"}
+            if p.default is not inspect.Parameter.empty and name not in _TARGET_ARGUMENTS}
 
 
 #: Defaults per theory, read from the constructors' signatures (the one place they are set);
@@ -38,11 +40,12 @@ def build_flow(theory: str, lattice: tuple[int, ...], architecture: dict[str, An
     plaquette couplings) on ``lattice``.
 
     ``action_params`` (the action card's parameters) feed base densities built from the target:
-    the U(1) ``"plaquette"`` prior takes its concentration from ``beta``. Weights never depend on
+    the U(1) ``"plaquette"`` prior takes its concentration from ``beta``, a φ⁴ flow with
+    ``heat_bath`` its even sites' conditional. Weights never depend on
     them, so a state dict moves between flows built for different parameters.
     """
     arch = {**DEFAULT_ARCHITECTURE[theory], **(architecture or {})}
     if theory == "phi4":
-        return realnvp(tuple(lattice), **arch)
+        return realnvp(tuple(lattice), **arch, action_params=action_params)
     beta = None if action_params is None else action_params.get("beta")
     return u1_equivariant(tuple(lattice), **arch, beta=beta)

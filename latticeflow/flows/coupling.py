@@ -1,7 +1,8 @@
 """The masked elementwise coupling and the score recursion (fast path), written once.
 
 A coupling splits the field into a frozen part F and an active part A (a boolean mask over the
-field, without batch axis). It leaves y_F = x_F and maps every active component elementwise,
+field, without batch axis); its conditioner reads the visible part V ⊆ F (all of F by default).
+It leaves y_F = x_F and maps every active component elementwise,
 y_A = h(x_A; x_F), with derivative d = ∂y_A/∂x_A > 0 and log-determinant ℓ = Σ_A log d.
 (The map may depend on x_F both through a conditioner and directly, as the U(1) link update does
 through the plaquette it sits in; it must not couple different active components.)
@@ -59,10 +60,14 @@ class MaskedCoupling(nn.Module):
     from the input or from the output of the coupling; that lets every direction evaluate it once.
     """
 
-    def __init__(self, active: Tensor):
+    def __init__(self, active: Tensor, visible: Tensor | None = None):
         super().__init__()
         # Not persistent: masks follow the lattice the flow is built for, weights do not.
         self.register_buffer("active", active.bool(), persistent=False)
+        if visible is not None and bool((visible.bool() & self.active).any()):
+            raise ValueError("a coupling's conditioner may not read its own active components")
+        self.register_buffer("visible", ~self.active if visible is None else visible.bool(),
+                             persistent=False)
 
     def condition(self, x: Tensor) -> Any:
         """The conditioner output, a function of the frozen components of ``x`` only."""

@@ -14,19 +14,27 @@ import torch
 from torch import Tensor, nn
 
 from latticeflow.flows.priors import Prior
+from latticeflow.theories.base import Action
+from latticeflow.theories.phi4_sublattice import Phi4EvenMarginal
 
 
 class Flow(nn.Module):
     """Flow over fields of shape ``prior.field_shape``; batches are ``(batch, *field_shape)``.
 
     ``couplings``: the layers in sampling order (the name is kept for checkpoint keys); may be
-    empty (the base alone, e.g. the U(1) plaquette prior). :attr:`device` and :attr:`dtype`
+    empty (the base alone, e.g. the U(1) plaquette prior). ``heat_bath``: for a flow that
+    models only the odd sites of a φ⁴ field, the odd sites' marginal (the target its layers are
+    trained against; even entries are placeholder noise): :meth:`sample` then draws the even
+    sites from their exact conditional, and its log q is the complete sampler's. Every other
+    method works in the flow's own representation. :attr:`device` and :attr:`dtype`
     follow ``.to()`` through a scalar buffer that is not saved, so they exist without parameters.
     """
 
-    def __init__(self, prior: Prior, couplings: list[nn.Module]):
+    def __init__(self, prior: Prior, couplings: list[nn.Module],
+                 heat_bath: Phi4EvenMarginal | None = None):
         super().__init__()
         self.prior = prior
+        self.heat_bath = heat_bath
         self.couplings = nn.ModuleList(couplings)
         self.register_buffer("anchor", torch.zeros(()), persistent=False)
 
@@ -67,9 +75,19 @@ class Flow(nn.Module):
         """log q(x), shape ``(batch,)``."""
         return self.inverse(x)[1]
 
+    def training_target(self, action: Action) -> Action:
+        """The action the layers are trained against: ``action`` itself, or for a heat-bath
+        flow the odd sites' marginal of it (the flow's own representation)."""
+        return action if self.heat_bath is None else self.heat_bath
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` configurations: ``(x, log q(x))``."""
-        return self(self.sample_prior(n, generator))
+        """Draw ``n`` configurations of the theory: ``(x, log q(x))`` (with :attr:`heat_bath`,
+        the even sites completed by their exact conditional; log q includes it)."""
+        x, log_q = self(self.sample_prior(n, generator))
+        if self.heat_bath is None:
+            return x, log_q
+        x, log_conditional = self.heat_bath.complete(x, generator)
+        return x, log_q + log_conditional
 
     def forward_and_score(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x = T(z), log q(x) and the detached score ∇_x log q(x), without inverting."""

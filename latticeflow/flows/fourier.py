@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from latticeflow.lattice import checkerboard
+
 
 def lattice_momentum_squared(lattice: tuple[int, ...], onesided: bool = False,
                              device=None, dtype=None) -> Tensor:
@@ -129,3 +131,51 @@ class FourierGaussian(nn.Module):
             score_z = self.filter(score_x, 1.0)
         z, log_det = self.inverse(x)
         return z, log_det, score_z
+
+
+def sublattice_momentum(lattice: tuple[int, ...], onesided: bool = False, device=None,
+                        dtype=None) -> Tensor:
+    """t = mean over axis pairs μ < ν of (1 − cos k_μ cos k_ν)/2 ∈ [0, 1], the reduced
+    momentum of one checkerboard sublattice (its neighbours sit at x ± μ̂ ± ν̂; in 2D
+    4t = Σ_± 4 sin²((k_0 ± k_1)/2)/2). Invariant under k → k + (π, …, π), as every
+    translation-invariant kernel of the sublattice is. Layout as
+    :func:`lattice_momentum_squared`; needs at least two axes."""
+    if len(lattice) < 2:
+        raise ValueError(f"a checkerboard sublattice needs at least two axes, got {lattice}")
+    axes = []
+    for i, n in enumerate(lattice):
+        half = onesided and i == len(lattice) - 1
+        freq = torch.fft.rfftfreq(n) if half else torch.fft.fftfreq(n)
+        axes.append(torch.cos(2 * math.pi * freq.to(dtype=torch.float64)))
+    cosines = torch.meshgrid(*axes, indexing="ij")
+    pairs = [(m, n) for m in range(len(lattice)) for n in range(m + 1, len(lattice))]
+    t = sum((1 - cosines[m] * cosines[n]) / 2 for m, n in pairs) / len(pairs)
+    return t.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+class SublatticeFourierGaussian(FourierGaussian):
+    """The Fourier Gaussian on the sites of one checkerboard ``parity``; the other sites pass
+    through unchanged: x = P K P z + (1 − P) z, P the projector onto the parity.
+
+    σ follows the sublattice momentum t (:func:`sublattice_momentum`), so σ(k + π) = σ(k): K
+    commutes with the staggering (−1)^{Σx_μ} and hence with P, and P K P is a translation-
+    invariant Gaussian kernel of the sublattice (translations by x ± μ̂ ± ν̂). Each pair
+    {k, k + π} gives one eigenvalue σ(k) on the sublattice: log|det| = ½ Σ_k log σ(k).
+    """
+
+    def __init__(self, lattice: tuple[int, ...], parity: int, n_terms: int = 3,
+                 log_coefficients: list[float] | None = None):
+        super().__init__(lattice, n_terms, log_coefficients)
+        self.register_buffer("t_half", sublattice_momentum(self.lattice, True), persistent=False)
+        self.register_buffer("t_full", sublattice_momentum(self.lattice), persistent=False)
+        self.register_buffer("on_sublattice", checkerboard(self.lattice, parity),
+                             persistent=False)
+
+    def filter(self, x: Tensor, power: float) -> Tensor:
+        """P F⁻¹ diag(σ^power) F P x + (1 − P) x."""
+        moved = super().filter(torch.where(self.on_sublattice, x, 0.0), power)
+        return torch.where(self.on_sublattice, moved, x)
+
+    def log_det(self, x: Tensor) -> Tensor:
+        """½ Σ_k log σ(k): the sublattice's half of the spectrum."""
+        return 0.5 * super().log_det(x)

@@ -20,6 +20,11 @@ s_c = Uᵀ s (block sums: c enters x through U), the stack turns it into s'_c, a
 as J⁻ᵀ(s − ∇ℓ) gives for J = 1 + U(∂g/∂c − 1)D; the inverse direction is the same with the
 roles of x and x' swapped. No VJP is taken here: the stack's own layers take theirs.
 
+On one checkerboard sublattice (``parity``; the flow models those sites alone, the others
+are placeholders it leaves untouched) the same holds with c the mean over the block's sites of
+that parity and U repeating c over them only: U' = P U, D' = U'ᵀ / (sites of the parity per
+block), which needs blocks of an even number of sites.
+
 On a line of constant physics the coarse lattice is named by its extents C, not by the block
 size, so one coarse layer sees the same physical scale on every L and its weights move from L
 to 2L as they are. A coarse lattice equal to the fine one (blocks of one site) is allowed.
@@ -31,7 +36,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
+
+from latticeflow.lattice import checkerboard
 
 
 def block_sizes(lattice: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[int, ...]:
@@ -47,17 +55,30 @@ class BlockedLayers(nn.Module):
     """A stack of layers acting on the block means of the field (module docstring).
 
     ``lattice``: the fine lattice; ``coarse``: the coarse lattice (same number of axes);
-    ``layers``: layers built for the coarse lattice, applied in order.
+    ``layers``: layers built for the coarse lattice, applied in order; ``parity``: block
+    only the sites of this checkerboard parity (module docstring).
     """
 
     def __init__(self, lattice: tuple[int, ...], coarse: tuple[int, ...],
-                 layers: list[nn.Module]):
+                 layers: list[nn.Module], parity: int | None = None):
         super().__init__()
         self.lattice = tuple(lattice)
         self.blocks = block_sizes(self.lattice, tuple(coarse))
         self.coarse = tuple(coarse)
         self.volume = math.prod(self.blocks)
         self.layers = nn.ModuleList(layers)
+        self.sites = self.volume
+        if parity is not None:
+            if self.volume % 2:
+                raise ValueError(f"blocks of {self.blocks} sites hold unequal numbers of sites of "
+                                 "each parity; a sublattice level needs an even block volume")
+            self.sites = self.volume // 2
+        mask = None if parity is None else checkerboard(self.lattice, parity)
+        self.register_buffer("on_sublattice", mask, persistent=False)
+
+    def _restrict(self, x: Tensor) -> Tensor:
+        """P x: zero off the blocked sublattice (the identity without one)."""
+        return x if self.on_sublattice is None else torch.where(self.on_sublattice, x, 0.0)
 
     def _split_shape(self, batch: int, block: bool = True) -> list[int]:
         """(batch, C0, b0, C1, b1, ...): each lattice axis as (coarse site, site in block);
@@ -82,9 +103,9 @@ class BlockedLayers(nn.Module):
                        ) -> tuple[Tensor, Tensor, Tensor | None]:
         """x + U(g(c) − c) with c = Dx and g the stack (run backwards with ``inverse``), its
         log-determinant, and with a ``score`` s the new score s + Dᵀ(s'_c − s_c), s_c = Uᵀs."""
-        c = self.block_sum(x) / self.volume
+        c = self.block_sum(self._restrict(x)) / self.sites
         mapped, total = c, c.new_zeros(c.shape[0])
-        score_c = coarse_score = None if score is None else self.block_sum(score)
+        score_c = coarse_score = None if score is None else self.block_sum(self._restrict(score))
         for layer in (reversed(self.layers) if inverse else self.layers):
             if score is None:
                 mapped, log_det = layer.inverse(mapped) if inverse else layer(mapped)
@@ -92,10 +113,11 @@ class BlockedLayers(nn.Module):
                 step = layer.inverse_and_score if inverse else layer.forward_and_score
                 mapped, log_det, coarse_score = step(mapped, coarse_score)
             total = total + log_det
-        moved = x + self.upsample(mapped - c)
+        moved = x + self._restrict(self.upsample(mapped - c))
         if score is None:
             return moved, total, None
-        return moved, total, score + self.upsample(coarse_score - score_c) / self.volume
+        step = self._restrict(self.upsample(coarse_score - score_c)) / self.sites
+        return moved, total, score + step
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x' = x + U(g(Dx) − Dx) and log|det ∂x'/∂x|."""

@@ -9,8 +9,9 @@ input gradient at that output gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,11 +19,16 @@ from torch import Tensor
 from latticeflow.flows.conditioner import conv_net, input_vjp, recorded
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
-from latticeflow.flows.fourier import FourierGaussian
+from latticeflow.flows.fourier import FourierGaussian, SublatticeFourierGaussian
 from latticeflow.flows.multiscale import BlockedLayers
 from latticeflow.flows.priors import NormalPrior
 from latticeflow.flows.spline_coupling import SplineCoupling
-from latticeflow.lattice import checkerboard
+from latticeflow.lattice import checkerboard, stripes
+from latticeflow.theories import action_from_table
+from latticeflow.theories.phi4_sublattice import Phi4EvenMarginal
+
+#: With ``heat_bath``, the checkerboard parity the flow models; the other one is integrated out.
+MODELLED_PARITY = 1
 
 #: Base densities and elementwise maps of the φ⁴ flow (the ``[flow] base`` and ``transform`` keys).
 BASES = ("normal", "fourier")
@@ -45,15 +51,14 @@ class AffineCoupling(MaskedCoupling):
     closed_form_vjp = True
 
     def __init__(self, active: Tensor, hidden: list[int], kernel_size: int, activation: str,
-                 scale_bound: float = 2.0):
-        super().__init__(active)
+                 scale_bound: float = 2.0, visible: Tensor | None = None):
+        super().__init__(active, visible)
         self.net = conv_net(active.dim(), 1, 2, hidden, kernel_size, activation)
         self.scale_bound = scale_bound
 
     def condition(self, x: Tensor) -> AffineConditioning:
         """(s, t) on the active sites, zero on the frozen ones."""
-        frozen = torch.where(self.active, 0.0, x)
-        values = recorded(self.net, frozen.unsqueeze(1))
+        values = recorded(self.net, torch.where(self.visible, x, 0.0).unsqueeze(1))
         out = values[-1]
         # A bounded log-scale per layer keeps early training stable; depth gives the range.
         s = self.scale_bound * torch.tanh(out[:, 0] / self.scale_bound)
@@ -71,14 +76,15 @@ class AffineCoupling(MaskedCoupling):
         grad_s = torch.where(self.active, score_active * x * torch.exp(cond.s) + 1, 0.0)
         grad_raw_s = grad_s * (1 - (cond.s / self.scale_bound) ** 2)  # tanh' = 1 − tanh²
         grad_out = torch.stack([grad_raw_s, score_active], dim=1)
-        return input_vjp(self.net, cond.values, grad_out).squeeze(1)
+        return torch.where(self.visible, input_vjp(self.net, cond.values, grad_out).squeeze(1), 0.0)
 
 
 def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int] = (16, 16),
             kernel_size: int = 3, activation: str = "leaky_relu", base: str = "normal",
             fourier_terms: int = 3, transform: str = "affine", n_bins: int = 8,
             spline_bound: float = 3.0, z2: bool = False, coarse: Sequence[int] = (),
-            coarse_couplings: int = 4) -> Flow:
+            coarse_couplings: int = 4, heat_bath: bool = False,
+            action_params: Mapping[str, Any] | None = None) -> Flow:
     """A coupling flow for a scalar field on ``lattice`` (every extent even), alternating parity.
 
     ``base``: ``"normal"`` (a standard normal per site) or ``"fourier"`` (the same noise through
@@ -94,6 +100,14 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
     the same kind on the block means (:class:`~latticeflow.flows.multiscale.BlockedLayers`),
     before the ``n_couplings`` couplings on the lattice itself. The coarse levels keep Z₂
     (blocking is linear) but are equivariant only under translations by two blocks.
+
+    ``heat_bath``: the even sites are integrated out exactly (needs ``action_params``, the φ⁴
+    card's parameters; :class:`~latticeflow.theories.phi4_sublattice.Phi4EvenMarginal`). Every
+    layer then acts on the odd sites alone (the base on that sublattice, coarse levels on its
+    block means, couplings on the sublattice's own checkerboard, the odd sites with x₀ even
+    against those with x₀ odd) and leaves the even entries as base noise; the flow is trained
+    against the odd sites' marginal (:attr:`Flow.heat_bath`), and :meth:`Flow.sample` draws
+    the even sites from their exact conditional.
     """
     if any(n % 2 for n in lattice):
         raise ValueError(f"checkerboard couplings need even lattice extents, got {lattice}")
@@ -108,18 +122,40 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
         raise ValueError(f"coarse lattice extents must be even and at least half the kernel "
                          f"size, got {list(coarse)}")
 
-    def couplings(grid: tuple[int, ...], count: int) -> list[torch.nn.Module]:
-        return [AffineCoupling(checkerboard(grid, k % 2), hidden, kernel_size, activation)
+    marginal = None
+    if heat_bath:
+        if action_params is None or len(lattice) < 2:
+            raise ValueError("heat_bath needs a lattice of two or more axes and the action's "
+                             "parameters")
+        marginal = Phi4EvenMarginal(action_from_table({"theory": "phi4", **action_params}))
+    parity = MODELLED_PARITY if heat_bath else None
+
+    def masks(grid: tuple[int, ...], k: int, sublattice: bool) -> tuple[torch.Tensor, ...]:
+        if not sublattice:
+            return checkerboard(grid, k % 2), ~checkerboard(grid, k % 2)
+        modelled = checkerboard(grid, MODELLED_PARITY)
+        active = modelled & stripes(grid, 0, k % 2, 2)
+        return active, modelled & ~active
+
+    def couplings(grid: tuple[int, ...], count: int, sublattice: bool = False
+                  ) -> list[torch.nn.Module]:
+        layers = []
+        for k in range(count):
+            active, visible = masks(grid, k, sublattice)
+            layers.append(
+                AffineCoupling(active, hidden, kernel_size, activation, visible=visible)
                 if transform == "affine" else
-                SplineCoupling(checkerboard(grid, k % 2), hidden, kernel_size, activation,
-                               n_bins, spline_bound, z2)
-                for k in range(count)]
+                SplineCoupling(active, hidden, kernel_size, activation, n_bins, spline_bound, z2,
+                               visible=visible))
+        return layers
 
     layers: list[torch.nn.Module] = []
     if base == "fourier":
-        layers.append(FourierGaussian(tuple(lattice), fourier_terms))
+        layers.append(FourierGaussian(tuple(lattice), fourier_terms) if parity is None else
+                      SublatticeFourierGaussian(tuple(lattice), parity, fourier_terms))
     for c in coarse:
         grid = (c,) * len(lattice)
-        layers.append(BlockedLayers(tuple(lattice), grid, couplings(grid, coarse_couplings)))
-    layers += couplings(tuple(lattice), n_couplings)
-    return Flow(NormalPrior(tuple(lattice)), layers)
+        layers.append(BlockedLayers(tuple(lattice), grid, couplings(grid, coarse_couplings),
+                                    parity))
+    layers += couplings(tuple(lattice), n_couplings, sublattice=heat_bath)
+    return Flow(NormalPrior(tuple(lattice)), layers, heat_bath=marginal)

@@ -39,8 +39,9 @@ class SplineCoupling(MaskedCoupling):
     Z₂-equivariant knots of the module docstring."""
 
     def __init__(self, active: Tensor, hidden: list[int], kernel_size: int, activation: str,
-                 n_bins: int = 8, bound: float = 3.0, z2: bool = False):
-        super().__init__(active)
+                 n_bins: int = 8, bound: float = 3.0, z2: bool = False,
+                 visible: Tensor | None = None):
+        super().__init__(active, visible)
         self.n_bins, self.bound, self.z2 = n_bins, bound, z2
         self.net = conv_net(active.dim(), 1, 3 * n_bins - 1, hidden, kernel_size, activation)
 
@@ -51,7 +52,7 @@ class SplineCoupling(MaskedCoupling):
                          dim=1)
 
     def condition(self, x: Tensor) -> Knots:
-        frozen = torch.where(self.active, 0.0, x).unsqueeze(1)
+        frozen = torch.where(self.visible, x, 0.0).unsqueeze(1)
         if self.z2:
             out, of_flipped = self.net(torch.cat([frozen, -frozen])).chunk(2)
             out = out + self._mirror(of_flipped)

@@ -93,12 +93,13 @@ class Start:
         return Variant(variant.label, {**self.architecture, **variant.architecture},
                        variant.estimator)
 
-    def flow(self, variant: Variant, lattice: tuple[int, ...]) -> torch.nn.Module:
-        """The variant's flow on ``lattice``, holding the start's weights."""
+    def flow(self, variant: Variant, lattice: tuple[int, ...], action: Action
+             ) -> torch.nn.Module:
+        """The variant's flow on ``lattice`` for ``action``, holding the start's weights."""
         architecture = self.variant(variant).architecture
         if not can_start_from(self.architecture, architecture):
             raise ValueError(f"variant {variant.label!r} changes more than coarse levels")
-        flow = build_flow("phi4", lattice, architecture)
+        flow = build_flow("phi4", lattice, architecture, action.params())
         flow.load_state_dict(inherited_weights(self.model, self.architecture, architecture,
                                                flow.state_dict()))
         return flow
@@ -125,8 +126,9 @@ def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
     """Train ``variant`` for ``settings.seconds``, from scratch or from ``start``; returns
     (flow, steps, seconds, objective of the last 20 steps)."""
     torch.manual_seed(settings.seed)
-    flow = (build_flow("phi4", lattice, variant.architecture) if start is None
-            else start.flow(variant, lattice))
+    flow = (build_flow("phi4", lattice, variant.architecture, action.params()) if start is None
+            else start.flow(variant, lattice, action))
+    target = flow.training_target(action)
     estimator = get_estimator(variant.estimator)
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr)
     recent: list[float] = []
@@ -136,7 +138,7 @@ def train_for(variant: Variant, action: Action, lattice: tuple[int, ...],
         cosine = 0.5 * (1 + math.cos(math.pi * elapsed / settings.seconds))
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * warm * cosine
-        out = estimator(flow, action, flow.sample_prior(settings.batch_size))
+        out = estimator(flow, target, flow.sample_prior(settings.batch_size))
         optimizer.zero_grad()
         out.surrogate.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), settings.grad_clip)
@@ -175,7 +177,8 @@ def transfer_ess(flow: torch.nn.Module, variant: Variant, action: Action,
     (in every direction of ``lattice``), untrained there."""
     values = {}
     for extent in settings.transfer:
-        moved = build_flow("phi4", (extent,) * len(lattice), variant.architecture)
+        moved = build_flow("phi4", (extent,) * len(lattice), variant.architecture,
+                           action.params())
         moved.load_state_dict(flow.state_dict())
         values[extent], _ = fresh_ess(moved, action, settings.n_fresh, settings.fresh_batch,
                                       torch.Generator().manual_seed(settings.seed + 1))

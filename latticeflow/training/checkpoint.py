@@ -55,7 +55,7 @@ LEGACY_U1_ARCHITECTURE = {"prior": "uniform", "transform": "ncp",
 #: the defaults (RealNVP on a normal base, splines without the Z₂ symmetrisation, no levels).
 LEGACY_PHI4_ARCHITECTURE = {key: DEFAULT_ARCHITECTURE["phi4"][key] for key in
                             ("base", "fourier_terms", "transform", "n_bins", "spline_bound",
-                             "z2", "coarse", "coarse_couplings")}
+                             "z2", "coarse", "coarse_couplings", "heat_bath")}
 #: ``[flow]`` keys that a run may add to the flow it starts from (``init_from``): coarse levels,
 #: which start as the identity (:func:`latticeflow.flows.multiscale.with_coarse_levels`).
 COARSE_KEYS = ("coarse", "coarse_couplings")

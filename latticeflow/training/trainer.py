@@ -175,8 +175,10 @@ class Trainer:
         self.reverse_term = get_estimator("reverse-fastpath")
         self.data = (load_training_data(recipe, self.action, self.device, self.dtype)
                      if self.config.direction == "forward" else None)
-        loss = TrainingLoss(self.flow, self.action, self.estimator, self.reverse_term,
-                            self.config.reverse_weight)
+        # A heat-bath flow trains against the odd sites' marginal; its samples (ESS, NMCMC)
+        # are complete configurations of the theory itself.
+        loss = TrainingLoss(self.flow, self.flow.training_target(self.action), self.estimator,
+                            self.reverse_term, self.config.reverse_weight)
         # The buffers (masks, the device anchor) never change: no per-step buffer broadcast.
         # A flow without parameters (the base alone, trained for 0 steps) needs no DDP.
         parameters = list(self.flow.parameters())
