@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Critical slowing down of φ⁴ on the line m² = −4, m_p·L = 4: tuned HMC against neural MCMC.
 
-For every L it reads ``RUNS/phi4_critical_L<L>.toml`` and that recipe's trained flow
-(``latticeflow run`` the recipe first), tunes HMC (chain count for throughput, trajectory length
-and step size from pilot runs, equilibrium start), runs HMC and neural MCMC for equal sampling
-wall time and reports <|m|> and χ₂ = V(<m²> − <m>²) with Γ-method errors against a long HMC
-reference, τ_int of |m| and m², the acceptance, the cost per independent χ₂ sample, the
+For every L it reads ``RUNS/phi4_critical_L<L>.toml`` (or the ``--recipe`` name) and that
+recipe's trained flow (``latticeflow run`` the recipe first), tunes HMC (chain count for
+throughput, trajectory length and step size from pilot runs, equilibrium start), runs HMC and
+neural MCMC for equal sampling wall time and reports <|m|> and χ₂ = V(<m²> − <m>²) with
+Γ-method errors against a long HMC reference, τ_int of |m| and m², the acceptance, the cost per independent χ₂ sample, the
 training time and the break-even number of independent samples, and the dynamic exponent z of
 HMC. Writes ``critical_slowing.md``, ``critical_slowing.json`` and ``critical_slowing.png`` into
 ``--out`` (never replaced without --force). The reference runs are cached in
@@ -30,6 +30,8 @@ from latticeflow.studies import critical_slowing_report as report
 EXAMPLES = (
     "python analysis/critical_slowing.py --out docs/critical_slowing",
     "python analysis/critical_slowing.py --L 8 16 --budget 120 --reference-factor 20 --out out",
+    "python analysis/critical_slowing.py --recipe 'phi4_critical_heatbath_L{L}.toml' --L 16 32 "
+    "--out out",
 )
 OUTPUTS = ("critical_slowing.md", "critical_slowing.json", "critical_slowing.png")
 CACHE = "hmc_reference.json"
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ss.script_parser("critical_slowing.py", __doc__, EXAMPLES)
     parser.add_argument("--runs", type=Path, default=Path("runs"),
                         help="folder of the recipes (default: runs)")
+    parser.add_argument("--recipe", default=cs.RECIPE_NAME, metavar="NAME",
+                        help="recipe file name in --runs, {L} standing for the extent "
+                             f"(default: {cs.RECIPE_NAME})")
     parser.add_argument("--L", type=int, nargs="+", default=[8, 16, 32, 64],
                         help="lattice extents of the critical line (default: 8 16 32 64)")
     parser.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise LatticeflowError(f"{existing[0]} exists; use --force to replace it")
     sizes = sorted(set(args.L))
     inputs = [cs.check_trained(path, L)
-              for path, L in zip(cs.critical_recipes(args.runs, sizes), sizes, strict=True)]
+              for path, L in zip(cs.critical_recipes(args.runs, sizes, args.recipe), sizes,
+                                 strict=True)]
     settings = settings_from(args)
     cache_path = args.out / CACHE
     cache = {} if args.new_reference or not cache_path.exists() else _read(cache_path)

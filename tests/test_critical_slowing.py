@@ -50,6 +50,9 @@ def runs(tmp_path_factory) -> Path:
     decoy.write_text(_u1("phi4_critical_L16"))
     assert latticeflow_main(["-q", "train", str(decoy)]) == 0
     (runs / "phi4_critical_L16.toml").write_text(_phi4(16))
+    heat_bath = runs / "hb_L4.toml"            # another family: even sites by heat bath
+    heat_bath.write_text(_phi4(4).replace("[flow]\n", "[flow]\nheat_bath = true\n"))
+    assert latticeflow_main(["-q", "train", str(heat_bath)]) == 0
     return runs
 
 
@@ -95,6 +98,17 @@ def test_quick_run_writes_table_json_and_figure(runs: Path, tmp_path: Path):
     before = (out / "critical_slowing.md").read_bytes()
     assert script.main(_args(runs, out, "4")) == 2
     assert (out / "critical_slowing.md").read_bytes() == before
+
+
+def test_recipe_family_by_name(runs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert script.main(_args(runs, out, "4") + ["--recipe", "hb_L{L}.toml"]) == 0
+    point = json.loads((out / "critical_slowing.json").read_text())["points"][0]
+    assert point["L"] == 4 and 0 < point["results"]["nmcmc"]["acceptance"] <= 1
+    assert point["recipe"].endswith("hb_L4.toml")
+    assert script.main(_args(runs, tmp_path / "other", "4") + ["--recipe", "hb.toml"]) == 2
+    assert "no {L}" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(("sizes", "message"), [

@@ -292,9 +292,10 @@ _CHILD = textwrap.dedent("""
 
 
 def test_sigkill_leaves_a_valid_file_that_resumes_exactly(tmp_path: Path) -> None:
-    """Kill a writing process with SIGKILL three times at random moments (after it has
-    committed at least one new chunk); each time the committed rows must be intact and the
-    file resumable; the completed file must equal an uninterrupted run bit for bit."""
+    """Kill a writing process with SIGKILL three times at random moments (a random number of
+    new chunks in, then a few milliseconds more, so that the kill lands anywhere in a chunk's
+    write and the run never finishes first); each time the committed rows must be intact and
+    the file resumable; the completed file must equal an uninterrupted run bit for bit."""
     n_rows, chunk_rows = 400, 2            # tiny chunks: the child spends most time in append
     reference = _run(tmp_path / "ref.h5", n_rows, 50)   # the rows do not depend on chunking
     path = tmp_path / "killed.h5"
@@ -306,8 +307,10 @@ def test_sigkill_leaves_a_valid_file_that_resumes_exactly(tmp_path: Path) -> Non
     for _ in range(3):
         child = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
         try:
-            reported = int(child.stdout.readline())      # the child is up and writing
-            time.sleep(rng.uniform(0.0, 0.2))
+            target = committed + 2 * rng.randint(5, 50)    # at most 300 of the 400 rows
+            while (reported := int(child.stdout.readline())) < target:
+                pass
+            time.sleep(rng.uniform(0.0, 0.005))
             child.send_signal(signal.SIGKILL)
         finally:
             child.wait(timeout=60)

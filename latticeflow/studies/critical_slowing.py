@@ -109,11 +109,15 @@ class TrainedFlow:
         return self.training_chain_s if self.training_chain_s is not None else self.training_s
 
 
-def critical_recipes(runs_dir: str | Path, sizes: Sequence[int]) -> list[Path]:
-    """``<runs_dir>/phi4_critical_L<L>.toml`` for every L; refuses a missing one."""
+def critical_recipes(runs_dir: str | Path, sizes: Sequence[int],
+                     name: str = RECIPE_NAME) -> list[Path]:
+    """``<runs_dir>/<name>`` with ``{L}`` in ``name`` replaced by each L (default
+    ``phi4_critical_L<L>.toml``); refuses a missing one."""
+    if "{L}" not in name:
+        raise LatticeflowError(f"recipe name {name!r} has no {{L}} to fill in")
     paths = []
     for L in sizes:
-        path = Path(runs_dir) / RECIPE_NAME.format(L=L)
+        path = Path(runs_dir) / name.replace("{L}", str(L))
         if not path.is_file():
             raise LatticeflowError(f"L = {L}: no recipe {path} (an L needs a recipe and an "
                                    f"action card on the critical line)")
