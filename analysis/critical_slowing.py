@@ -5,9 +5,9 @@ For every L it reads ``RUNS/phi4_critical_L<L>.toml`` (or the ``--recipe`` name)
 recipe's trained flow (``latticeflow run`` the recipe first), tunes HMC (chain count for
 throughput, trajectory length and step size from pilot runs, equilibrium start), runs HMC and
 neural MCMC for equal sampling wall time and reports <|m|> and χ₂ = V(<m²> − <m>²) with
-Γ-method errors against a long HMC reference, τ_int of |m| and m², the acceptance, the cost per independent χ₂ sample, the
-training time and the break-even number of independent samples, and the dynamic exponent z of
-HMC. Writes ``critical_slowing.md``, ``critical_slowing.json`` and ``critical_slowing.png`` into
+Γ-method errors against a long HMC reference, τ_int of |m| and m², the acceptance, the cost
+per independent χ₂ sample, the training time and the break-even number of independent samples,
+and the dynamic exponent z of HMC. Writes ``critical_slowing.md``, ``critical_slowing.json`` and ``critical_slowing.png`` into
 ``--out`` (never replaced without --force). The reference runs are cached in
 ``--out``/hmc_reference.json and reused while the action matches and the cached budget is
 large enough (--new-reference reruns them). Method: ``latticeflow/studies/critical_slowing.py``.
