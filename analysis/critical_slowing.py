@@ -7,11 +7,11 @@ throughput, trajectory length and step size from pilot runs, equilibrium start),
 neural MCMC for equal sampling wall time and reports <|m|> and χ₂ = V(<m²> − <m>²) with
 Γ-method errors against a long HMC reference, τ_int of |m| and m², the acceptance, the cost
 per independent χ₂ sample, the training time and the break-even number of independent samples,
-and the dynamic exponent z of HMC. Writes ``critical_slowing.md``, ``critical_slowing.json`` and ``critical_slowing.png`` into
-``--out`` (never replaced without --force). The reference runs are cached in
-``--out``/hmc_reference.json and reused while the action matches and the cached budget is
-large enough (--new-reference reruns them). Method: ``latticeflow/studies/critical_slowing.py``.
-``--quick`` is a smoke test on tiny budgets.
+and the dynamic exponent z of HMC. Writes ``critical_slowing.md``, ``critical_slowing.json``
+and ``critical_slowing.png`` into ``--out`` (never replaced without --force). The reference
+runs are cached in ``--out``/hmc_reference.json and reused while the action matches and the
+cached budget is large enough (--new-reference reruns them). Method:
+``latticeflow/studies/critical_slowing.py``. ``--quick`` is a smoke test on tiny budgets.
 """
 
 from __future__ import annotations
