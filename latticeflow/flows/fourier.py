@@ -43,13 +43,19 @@ def lattice_momentum_squared(lattice: tuple[int, ...], onesided: bool = False,
     """k̂² = Σ_μ 4 sin²(k_μ/2) on the momentum grid of ``lattice`` (FFT frequency order;
     ``onesided``: the last axis holds only the L/2 + 1 non-negative momenta, the layout of
     ``torch.fft.rfftn``)."""
+    grids = [4 * torch.sin(k / 2) ** 2 for k in _momentum_grids(lattice, onesided)]
+    return sum(grids).to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def _momentum_grids(lattice: tuple[int, ...], onesided: bool) -> tuple[Tensor, ...]:
+    """k_μ = 2π n_μ / L_μ per axis on the momentum grid of ``lattice``, float64 (layout as
+    :func:`lattice_momentum_squared`)."""
     axes = []
     for i, n in enumerate(lattice):
         half = onesided and i == len(lattice) - 1
         freq = torch.fft.rfftfreq(n) if half else torch.fft.fftfreq(n)
-        axes.append(4 * torch.sin(math.pi * freq.to(dtype=torch.float64)) ** 2)
-    grids = torch.meshgrid(*axes, indexing="ij")
-    return sum(grids).to(device=device, dtype=dtype or torch.get_default_dtype())
+        axes.append(2 * math.pi * freq.to(dtype=torch.float64))
+    return torch.meshgrid(*axes, indexing="ij")
 
 
 class FourierGaussian(nn.Module):
@@ -71,11 +77,12 @@ class FourierGaussian(nn.Module):
             raise ValueError(f"{n_terms} coefficients expected, got {len(log_coefficients)}")
         self.lattice = tuple(lattice)
         self.log_coefficients = nn.Parameter(torch.tensor(log_coefficients))
-        scale = 4 * len(self.lattice)
-        self.register_buffer("t_half", lattice_momentum_squared(self.lattice, True) / scale,
-                             persistent=False)
-        self.register_buffer("t_full", lattice_momentum_squared(self.lattice) / scale,
-                             persistent=False)
+        self.register_buffer("t_half", self.reduced_momentum(True), persistent=False)
+        self.register_buffer("t_full", self.reduced_momentum(False), persistent=False)
+
+    def reduced_momentum(self, onesided: bool) -> Tensor:
+        """t = k̂²/4d ∈ [0, 1] on the momentum grid (``onesided``: the rfft layout)."""
+        return lattice_momentum_squared(self.lattice, onesided) / (4 * len(self.lattice))
 
     @classmethod
     def free_field(cls, lattice: tuple[int, ...], m2: float) -> FourierGaussian:
@@ -142,12 +149,7 @@ def sublattice_momentum(lattice: tuple[int, ...], onesided: bool = False, device
     :func:`lattice_momentum_squared`; needs at least two axes."""
     if len(lattice) < 2:
         raise ValueError(f"a checkerboard sublattice needs at least two axes, got {lattice}")
-    axes = []
-    for i, n in enumerate(lattice):
-        half = onesided and i == len(lattice) - 1
-        freq = torch.fft.rfftfreq(n) if half else torch.fft.fftfreq(n)
-        axes.append(torch.cos(2 * math.pi * freq.to(dtype=torch.float64)))
-    cosines = torch.meshgrid(*axes, indexing="ij")
+    cosines = [torch.cos(k) for k in _momentum_grids(lattice, onesided)]
     pairs = [(m, n) for m in range(len(lattice)) for n in range(m + 1, len(lattice))]
     t = sum((1 - cosines[m] * cosines[n]) / 2 for m, n in pairs) / len(pairs)
     return t.to(device=device, dtype=dtype or torch.get_default_dtype())
@@ -166,10 +168,12 @@ class SublatticeFourierGaussian(FourierGaussian):
     def __init__(self, lattice: tuple[int, ...], parity: int, n_terms: int = 3,
                  log_coefficients: list[float] | None = None):
         super().__init__(lattice, n_terms, log_coefficients)
-        self.register_buffer("t_half", sublattice_momentum(self.lattice, True), persistent=False)
-        self.register_buffer("t_full", sublattice_momentum(self.lattice), persistent=False)
         self.register_buffer("on_sublattice", checkerboard(self.lattice, parity),
                              persistent=False)
+
+    def reduced_momentum(self, onesided: bool) -> Tensor:
+        """The sublattice momentum t of :func:`sublattice_momentum`."""
+        return sublattice_momentum(self.lattice, onesided)
 
     def filter(self, x: Tensor, power: float) -> Tensor:
         """P F⁻¹ diag(σ^power) F P x + (1 − P) x."""

@@ -130,9 +130,11 @@ def realnvp(lattice: tuple[int, ...], n_couplings: int = 8, hidden: Sequence[int
         marginal = Phi4EvenMarginal(action_from_table({"theory": "phi4", **action_params}))
     parity = MODELLED_PARITY if heat_bath else None
 
-    def masks(grid: tuple[int, ...], k: int, sublattice: bool) -> tuple[torch.Tensor, ...]:
+    def masks(grid: tuple[int, ...], k: int, sublattice: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(active, visible): visible None reads every frozen site."""
         if not sublattice:
-            return checkerboard(grid, k % 2), ~checkerboard(grid, k % 2)
+            return checkerboard(grid, k % 2), None
         modelled = checkerboard(grid, MODELLED_PARITY)
         active = modelled & stripes(grid, 0, k % 2, 2)
         return active, modelled & ~active
