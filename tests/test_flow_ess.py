@@ -66,3 +66,29 @@ def test_bad_input_exits_2_and_keeps_files(lineage: Path, tmp_path: Path, capsys
     existing.write_text("keep")
     assert flow_ess.main(["-q", str(lineage / "small"), "--json", str(existing)]) == 2
     assert existing.read_text() == "keep"
+
+
+def test_symmetrized_ess(lineage: Path, tmp_path: Path):
+    out = tmp_path / "ess.json"
+    assert flow_ess.main(["-q", str(lineage / "large"), "--n", "64", "--batch", "16",
+                          "--diagonal-shifts", "2", "--z2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["symmetries"] == 4 and 0 < row["ess"] <= 1
+    # the same number as the mixture's own draws with the script's seed
+    import latticeflow as lf
+    from latticeflow.flows.symmetrize import SymmetrizedFlow, diagonal_shifts
+    flow = lf.load_flow(lineage / "large")
+    mixed = SymmetrizedFlow(flow.flow, diagonal_shifts(2, 2, z2=True))
+    g = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        parts = [mixed.sample(16, generator=g) for _ in range(4)]
+    log_w = torch.cat([-flow.action(x).double() - log_q.double() for x, log_q in parts])
+    expected = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+                     / len(log_w))
+    assert row["ess"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("options", [["--diagonal-shifts", "0"], ["--z2"]])
+def test_bad_symmetry_options_exit_2(lineage: Path, capsys, options):
+    assert flow_ess.main(["-q", str(lineage / "small"), *options]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -1,5 +1,5 @@
 """Normalizing flows: priors, the masked coupling with its score recursion, RealNVP, U(1)
-plaquette couplings (NCP or circular splines)."""
+plaquette couplings (NCP or circular splines), and a flow averaged over lattice symmetries."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 from latticeflow.flows.coupling import ElementwiseUpdate, MaskedCoupling
 from latticeflow.flows.flow import Flow
 from latticeflow.flows.realnvp import realnvp
+from latticeflow.flows.symmetrize import LatticeSymmetry, SymmetrizedFlow, diagonal_shifts
 from latticeflow.flows.u1_equivariant import MASK_PERIOD, u1_equivariant
 
-__all__ = ["ElementwiseUpdate", "Flow", "MaskedCoupling", "build_flow", "realnvp",
-           "u1_equivariant", "DEFAULT_ARCHITECTURE", "MASK_PERIOD"]
+__all__ = ["ElementwiseUpdate", "Flow", "LatticeSymmetry", "MaskedCoupling", "SymmetrizedFlow",
+           "build_flow", "diagonal_shifts", "realnvp", "u1_equivariant", "DEFAULT_ARCHITECTURE",
+           "MASK_PERIOD"]
 
 _FLOWS = {"phi4": realnvp, "u1": u1_equivariant}
 #: Constructor arguments taken from the action card rather than the architecture.

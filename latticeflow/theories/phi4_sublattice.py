@@ -230,6 +230,7 @@ class Phi4EvenMarginal(Action):
             raise TypeError(f"Phi4EvenMarginal wraps Phi4 or Phi4Hopping, got {action!r}")
         self.action = action
         self._conditionals: dict[int, SiteConditional] = {}
+        self._even_masks: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def conditional(self, d: int) -> SiteConditional:
         """The even-site density p(y | h) in ``d`` dimensions (a = 2d + m² in the standard form)."""
@@ -245,7 +246,10 @@ class Phi4EvenMarginal(Action):
     def _parts(self, x: Tensor) -> tuple[SiteConditional, Tensor, Tensor]:
         """(conditional, even-site mask ``lattice``, h at the even sites ``(batch, n_even)``)."""
         lattice = self.field_shape(tuple(x.shape[1:]))
-        even = checkerboard(lattice, 0, device=x.device)
+        key = (lattice, x.device)
+        if key not in self._even_masks:
+            self._even_masks[key] = checkerboard(lattice, 0, device=x.device)
+        even = self._even_masks[key]
         h = _neighbour_sum(torch.where(even, torch.zeros_like(x), x))
         return self.conditional(len(lattice)), even, h[:, even]
 
