@@ -83,7 +83,13 @@ class Flow(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` configurations of the theory: ``(x, log q(x))`` (with :attr:`heat_bath`,
         the even sites completed by their exact conditional; log q includes it)."""
-        x, log_q = self(self.sample_prior(n, generator))
+        return self.complete(*self(self.sample_prior(n, generator)), generator)
+
+    def complete(self, x: Tensor, log_q: Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """Draws ``x`` of density ``log_q`` in the flow's own representation as configurations
+        of the theory: unchanged, or with :attr:`heat_bath` the even sites drawn from their
+        exact conditional and its log density added to log q."""
         if self.heat_bath is None:
             return x, log_q
         x, log_conditional = self.heat_bath.complete(x, generator)

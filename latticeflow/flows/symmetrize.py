@@ -35,13 +35,15 @@ class LatticeSymmetry:
     shift: tuple[int, ...]
     negate: bool = False
 
-    def __call__(self, x: Tensor) -> Tensor:
-        y = torch.roll(x, self.shift, tuple(range(1, len(self.shift) + 1)))
+    def _apply(self, x: Tensor, sign: int) -> Tensor:
+        y = torch.roll(x, tuple(sign * s for s in self.shift), tuple(range(1, x.dim())))
         return -y if self.negate else y
 
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._apply(x, 1)
+
     def inverse(self, y: Tensor) -> Tensor:
-        x = torch.roll(y, tuple(-s for s in self.shift), tuple(range(1, len(self.shift) + 1)))
-        return -x if self.negate else x
+        return self._apply(y, -1)  # negation and shifts commute
 
 
 def diagonal_shifts(ndim: int, count: int, z2: bool = False) -> list[LatticeSymmetry]:
@@ -69,10 +71,6 @@ class SymmetrizedFlow:
                                  "flow needs shifts with an even sum of components")
         self.flow, self.symmetries = flow, list(symmetries)
 
-    @property
-    def device(self) -> torch.device:
-        return self.flow.device
-
     def log_prob(self, y: Tensor) -> Tensor:
         """log q_G(y) ``(batch,)`` in the flow's own representation."""
         parts = torch.stack([self.flow.log_prob(g.inverse(y)) for g in self.symmetries])
@@ -84,21 +82,17 @@ class SymmetrizedFlow:
         x, log_q = self.flow(self.flow.sample_prior(n, generator))
         which = torch.randint(len(self.symmetries), (n,), generator=generator,
                               device=x.device)
+        drawn_with = [which == k for k in range(len(self.symmetries))]
         y = x.clone()
-        for k, g in enumerate(self.symmetries):
-            mine = which == k
+        for g, mine in zip(self.symmetries, drawn_with, strict=True):
             y[mine] = g(x[mine])
         parts = torch.empty((len(self.symmetries), n), dtype=log_q.dtype, device=log_q.device)
-        for k, g in enumerate(self.symmetries):
-            mine = which == k  # g⁻¹ y = x there: log q is known
-            parts[k, mine] = log_q[mine]
+        for k, (g, mine) in enumerate(zip(self.symmetries, drawn_with, strict=True)):
+            parts[k, mine] = log_q[mine]  # g⁻¹ y = x there: log q is known
             if (~mine).any():
                 parts[k, ~mine] = self.flow.log_prob(g.inverse(y[~mine]))
         log_q_mix = torch.logsumexp(parts, 0) - math.log(len(self.symmetries))
-        if self.flow.heat_bath is None:
-            return y, log_q_mix
-        y, log_conditional = self.flow.heat_bath.complete(y, generator)
-        return y, log_q_mix + log_conditional
+        return self.flow.complete(y, log_q_mix, generator)
 
 
 __all__ = ["LatticeSymmetry", "SymmetrizedFlow", "diagonal_shifts"]
